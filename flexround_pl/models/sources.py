@@ -1,0 +1,120 @@
+"""Where the pretrained network comes from: the ``model.source`` section of a config.
+
+Each source is a small class jsonargparse can build from YAML
+(``class_path: flexround_pl.models.HFModel``). ``load`` returns the FP
+``nn.Module`` in eval mode; ``load_tokenizer`` returns the matching tokenizer
+(or ``None`` for image models).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Optional
+
+from torch import nn
+
+
+class ModelSource:
+    """Base class of model sources."""
+
+    def load(self, num_labels: Optional[int] = None) -> nn.Module:
+        raise NotImplementedError
+
+    def load_tokenizer(self) -> Optional[Any]:
+        return None
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def check(self) -> None:
+        """Validate cheaply (paths exist, ...) before any work; raise ``ValueError``."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+class HFModel(ModelSource):
+    """A Hugging Face ``transformers`` model, by hub id (online) or local directory.
+
+    Args:
+        name_or_path: hub id such as ``bert-base-uncased`` or a local directory.
+        task: ``sequence-classification`` (``AutoModelForSequenceClassification``)
+            or ``causal-lm`` (``AutoModelForCausalLM``).
+        gguf_file: a GGUF file inside ``name_or_path``; transformers dequantizes it
+            (see ``flexround_pl.models.gguf`` for the cached conversion).
+        revision: hub revision.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        task: Literal["sequence-classification", "causal-lm"] = "sequence-classification",
+        gguf_file: Optional[str] = None,
+        revision: Optional[str] = None,
+    ) -> None:
+        self.name_or_path = name_or_path
+        self.task = task
+        self.gguf_file = gguf_file
+        self.revision = revision
+
+    def describe(self) -> str:
+        return self.name_or_path + (f" ({self.gguf_file})" if self.gguf_file else "")
+
+    def check(self) -> None:
+        path = os.path.expanduser(self.name_or_path)
+        if os.path.isdir(path):
+            return
+        # A hub id is "name" or "org/name"; anything else is meant as a path.
+        if path.startswith((".", "/")) or path.count("/") > 1:
+            raise ValueError(
+                f"model path {self.name_or_path!r} does not exist; pass an existing directory "
+                "or a Hugging Face hub id"
+            )
+        if _offline():
+            raise ValueError(
+                f"model {self.name_or_path!r} is not a local directory and HF_HUB_OFFLINE is set; "
+                "download it first or point model.source.name_or_path at a local copy"
+            )
+
+    def _kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
+        if self.revision:
+            kw["revision"] = self.revision
+        return kw
+
+    def load(self, num_labels: Optional[int] = None) -> nn.Module:
+        import transformers
+
+        path = os.path.expanduser(self.name_or_path)
+        if self.gguf_file:
+            from flexround_pl.models.gguf import load_gguf_causal_lm
+
+            model = load_gguf_causal_lm(path, self.gguf_file)
+        elif self.task == "causal-lm":
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="float32", **self._kwargs())
+        elif self.task == "sequence-classification":
+            kw = self._kwargs()
+            if num_labels is not None:
+                config = transformers.AutoConfig.from_pretrained(path, **kw)
+                if config.num_labels != num_labels:
+                    raise ValueError(
+                        f"model {self.name_or_path!r} has {config.num_labels} labels but the data has "
+                        f"{num_labels}; use a checkpoint fine-tuned for this task"
+                    )
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                path, dtype="float32", **kw
+            )
+        else:
+            raise ValueError(f"unknown task {self.task!r}: use 'sequence-classification' or 'causal-lm'")
+        model.config.use_cache = False
+        return model.eval()
+
+    def load_tokenizer(self) -> Any:
+        import transformers
+
+        path = os.path.expanduser(self.name_or_path)
+        kw = self._kwargs()
+        if self.gguf_file:
+            kw["gguf_file"] = self.gguf_file
+        return transformers.AutoTokenizer.from_pretrained(path, **kw)

@@ -1,0 +1,224 @@
+"""The calibration cache: per-block inputs and targets, pushed forward block by block.
+
+For block ``i`` the cache holds, on CPU, one row per calibration sample:
+
+* ``fp_inputs``: the input of block ``i`` in the FP network;
+* ``q_inputs``: the input of block ``i`` in the network whose blocks ``< i`` are
+  already quantized and hardened (the student trains on these, as in BRECQ);
+* ``targets``: the FP output of block ``i`` on ``fp_inputs`` (computed once per
+  block by the frozen teacher, never per step).
+
+After block ``i`` is hardened, :meth:`CalibrationCache.advance` makes the FP
+targets the next FP inputs and runs the hardened block once over the quantized
+inputs. Each block is therefore run a constant number of times: the cost is
+linear in depth, where BRECQ / QDrop re-run the whole quantized prefix per block.
+
+Blocks are called with more than their hidden states (attention masks, rotary
+position embeddings, ...). Those *extras* are captured from the real model call
+and kept as-is: a tensor whose first dimension is the capture batch size is
+stored per sample, anything else (``None``, flags, tensors shared across the
+batch such as ``position_ids`` of shape ``[1, T]``) is stored once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+# ---- pytrees of call arguments ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PerSample:
+    """Placeholder for a per-sample tensor leaf: row ``key`` of ``CalibrationCache.extras``."""
+
+    key: int
+
+
+def _map(tree: Any, fn: Callable[[Any], Any]) -> Any:
+    if isinstance(tree, tuple):
+        return tuple(_map(t, fn) for t in tree)
+    if isinstance(tree, list):
+        return [_map(t, fn) for t in tree]
+    if isinstance(tree, dict):
+        return {k: _map(v, fn) for k, v in tree.items()}
+    return fn(tree)
+
+
+def block_output(out: Any) -> Tensor:
+    """The hidden-state output of a block call (HF layers may return a tuple)."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out[0]  # transformers ModelOutput
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the first block needs to run."""
+
+
+# ---- the cache ------------------------------------------------------------------
+
+
+class CalibrationCache:
+    """Block inputs / targets of every calibration sample, on CPU.
+
+    Build it with :meth:`capture`; iterate blocks with :meth:`compute_targets`,
+    :meth:`advance`. ``template`` is the call's extra arguments with per-sample
+    tensors replaced by placeholders; ``extras[k]`` stacks placeholder ``k``
+    over all samples.
+    """
+
+    def __init__(
+        self,
+        fp_inputs: Tensor,
+        template: tuple[tuple, dict],
+        extras: list[Tensor],
+        loss_mask: Optional[Tensor] = None,
+    ) -> None:
+        self.fp_inputs = fp_inputs
+        self.q_inputs = fp_inputs  # the first block sees the same (FP) input
+        self.targets: Optional[Tensor] = None
+        self.template = template
+        self.extras = extras
+        self.loss_mask = loss_mask
+
+    def __len__(self) -> int:
+        return self.fp_inputs.shape[0]
+
+    # -- capture -------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def capture(
+        cls,
+        run_model: Callable[[dict[str, Tensor]], Any],
+        first_block: nn.Module,
+        batches: Iterable[dict[str, Tensor]],
+    ) -> "CalibrationCache":
+        """Record what ``first_block`` receives while ``run_model`` runs each batch.
+
+        ``run_model(inputs)`` calls the whole model; a forward pre-hook on the
+        first block records its arguments and stops the forward pass there. The
+        hook is always removed, so the model is left exactly as it was.
+        """
+        records: list[tuple[tuple, dict]] = []
+        masks: list[Optional[Tensor]] = []
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            records.append((args, kwargs))
+            raise _StopForward
+
+        handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for batch in batches:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                try:
+                    run_model(inputs)
+                except _StopForward:
+                    pass
+                else:
+                    raise RuntimeError("the first block was never called by the model's forward")
+                masks.append(inputs.get("attention_mask"))
+        finally:
+            handle.remove()
+        if not records:
+            raise ValueError("the calibration data is empty: set a positive number of calibration samples")
+        return cls._from_records(records, masks)
+
+    @classmethod
+    def _from_records(cls, records: list[tuple[tuple, dict]], masks: list[Optional[Tensor]]) -> "CalibrationCache":
+        hidden, template, per_sample = [], None, []
+        for args, kwargs in records:
+            if args:
+                h, rest = args[0], args[1:]
+            else:
+                kwargs = dict(kwargs)
+                h, rest = kwargs.pop("hidden_states"), ()
+            b = h.shape[0]
+            hidden.append(h.detach().cpu())
+            slots: list[Tensor] = []
+
+            def split(leaf: Any) -> Any:
+                if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == b:
+                    slots.append(leaf.detach().cpu())
+                    return _PerSample(len(slots) - 1)
+                if isinstance(leaf, Tensor):
+                    return leaf.detach().cpu()
+                return leaf
+
+            tree = _map((rest, kwargs), split)
+            if template is None:
+                template = tree
+            per_sample.append(slots)
+        extras = [torch.cat([slots[k] for slots in per_sample]) for k in range(len(per_sample[0]))]
+        fp_inputs = torch.cat(hidden)
+        loss_mask = None
+        if all(m is not None for m in masks):
+            mask = torch.cat([m.cpu() for m in masks]).bool()
+            if mask.shape == fp_inputs.shape[:2]:
+                loss_mask = mask
+        return cls(fp_inputs, template, extras, loss_mask)
+
+    # -- batches -------------------------------------------------------------
+
+    def call_args(self, index: Tensor) -> tuple[tuple, dict]:
+        """The extra positional and keyword arguments of samples ``index``."""
+
+        def fill(leaf: Any) -> Any:
+            return self.extras[leaf.key][index] if isinstance(leaf, _PerSample) else leaf
+
+        return _map(self.template, fill)
+
+    def batch(self, index: Tensor) -> dict[str, Any]:
+        """Everything one reconstruction step needs for samples ``index``."""
+        args, kwargs = self.call_args(index)
+        out: dict[str, Any] = {
+            "q_inputs": self.q_inputs[index],
+            "fp_inputs": self.fp_inputs[index],
+            "args": args,
+            "kwargs": kwargs,
+        }
+        if self.targets is not None:
+            out["targets"] = self.targets[index]
+        if self.loss_mask is not None:
+            out["loss_mask"] = self.loss_mask[index]
+        return out
+
+    # -- running a block over the whole cache ---------------------------------
+
+    @torch.no_grad()
+    def apply(self, block: nn.Module, inputs: Tensor, device: torch.device, batch_size: int) -> Tensor:
+        """``block`` applied to every row of ``inputs``; result on CPU."""
+        outs = []
+        for start in range(0, len(self), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(self)))
+            args, kwargs = to_device(self.call_args(index), device)
+            out = block_output(block(inputs[index].to(device), *args, **kwargs))
+            outs.append(out.detach().float().cpu())
+        return torch.cat(outs)
+
+    def compute_targets(self, teacher: nn.Module, device: torch.device, batch_size: int) -> None:
+        """FP outputs of the current block: the reconstruction targets."""
+        self.targets = self.apply(teacher, self.fp_inputs, device, batch_size)
+
+    def advance(self, hardened_block: nn.Module, device: torch.device, batch_size: int) -> None:
+        """Move on to the next block: FP targets become FP inputs; quantized inputs go through the hardened block."""
+        if self.targets is None:
+            raise RuntimeError("compute_targets must run before advance")
+        self.q_inputs = self.apply(hardened_block, self.q_inputs, device, batch_size)
+        self.fp_inputs, self.targets = self.targets, None
+
+    def nbytes(self) -> int:
+        tensors = [self.fp_inputs, self.q_inputs, *self.extras]
+        if self.targets is not None:
+            tensors.append(self.targets)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def to_device(tree: Any, device: torch.device) -> Any:
+    return _map(tree, lambda x: x.to(device) if isinstance(x, Tensor) else x)

@@ -1,0 +1,45 @@
+"""Callbacks the driver adds to every block's trainer."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import lightning as L
+import torch
+
+
+class KeepBestParameters(L.Callback):
+    """Remember the learnable parameters with the lowest validation loss.
+
+    The validation loss is the full-calibration loss with hard rounding (what
+    the hardened block will compute). ``initial_loss`` is the loss of the
+    initial grid (round-to-nearest), so the driver, which compares ``best``
+    with the loss after the last step and calls :meth:`restore` when it is
+    lower, never ends a block worse than RTN.
+    """
+
+    def __init__(self, monitor: str, initial_loss: float) -> None:
+        self.monitor = monitor
+        self.best = initial_loss
+        self.best_step = 0
+        self._snapshot: Optional[list[torch.Tensor]] = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._snapshot = [p.detach().clone() for p in pl_module.params]
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        if math.isfinite(value) and value < self.best:
+            self.best, self.best_step = value, trainer.global_step
+            self._snapshot = [p.detach().clone() for p in pl_module.params]
+
+    def restore(self, pl_module: L.LightningModule) -> None:
+        if self._snapshot is None:
+            return
+        with torch.no_grad():
+            for p, saved in zip(pl_module.params, self._snapshot):
+                p.copy_(saved)

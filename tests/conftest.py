@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random-init models that run end to end in seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer_dir() -> str:
+    from flexround_pl.data.offline import minilm_dir
+
+    return minilm_dir()
+
+
+def make_tiny_bert(path: str, num_labels: int = 3, layers: int = 2, seed: int = 0) -> str:
+    """A 2-layer random-init BERT classifier saved with the MiniLM tokenizer."""
+    import transformers
+
+    from flexround_pl.data.offline import minilm_dir
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+    )
+    model = transformers.BertForSequenceClassification(config).eval()
+    model.save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    return make_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))

@@ -1,0 +1,101 @@
+"""The ``fit`` CLI end to end on a tiny random-init BERT classifier (seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from flexround_pl.cli import main
+
+
+def _write_data(tmp_path) -> dict[str, str]:
+    words = ["alpha", "beta", "gamma", "delta", "river", "mountain", "music", "science", "war", "city"]
+    rows = []
+    for i in range(96):
+        label = ("north", "south", "east")[i % 3]
+        text = " ".join(words[(i * 7 + k * (i % 3 + 1)) % len(words)] for k in range(6 + i % 5))
+        rows.append(f"{text},{label}")
+    paths = {}
+    for split, chunk in (("train", rows[:48]), ("eval", rows[48:])):
+        p = tmp_path / f"{split}.csv"
+        p.write_text("text,label\n" + "\n".join(chunk) + "\n")
+        paths[split] = str(p)
+    return paths
+
+
+def write_config(tmp_path, model_dir: str, **quant) -> str:
+    data = _write_data(tmp_path)
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 30,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path / "run"),
+            "log_every_n_steps": 5,
+        },
+        "model": {
+            "source": {"class_path": "flexround_pl.models.HFModel", "init_args": {"name_or_path": model_dir}},
+            "quant": {"method": "flexround", "weight": {"bits": 3, "granularity": "tensor"}, **quant},
+            "reconstruction": {"lr": 0.003, "batch_size": 8, "eval_batch_size": 16},
+        },
+        "data": {
+            "class_path": "flexround_pl.data.TextClassificationData",
+            "init_args": {
+                "source": "files",
+                "train_file": data["train"],
+                "eval_file": data["eval"],
+                "num_calibration": 32,
+                "max_length": 16,
+                "batch_size": 8,
+            },
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["flexround", "adaround"])
+def test_fit_writes_results_and_every_block_improves(tmp_path, tiny_bert_dir, method):
+    cfg = write_config(tmp_path, tiny_bert_dir)
+    assert main(["fit", "--config", cfg, "--model.quant.method", method]) == 0
+
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert results["method"] == method and results["w_bits"] == 3 and results["granularity"] == "tensor"
+    assert set(results["fp"]) == set(results["quantized"]) == {"accuracy"}
+    assert 0.0 <= results["quantized"]["accuracy"] <= 1.0
+    assert [b["name"] for b in results["blocks"]] == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
+    for block in results["blocks"]:
+        assert block["quantized_layers"] == 6  # q, k, v, attention output, intermediate, output
+        assert block["loss_end"] < block["loss_start"], block
+        assert block["steps"] == 30 and block["seconds"] > 0
+    assert results["seconds_total"] > 0 and results["peak_rss_mb"] > 0
+    assert (run / "config.yaml").exists()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["quant"]["method"] == method
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
+
+
+def test_rtn_trains_nothing_and_keeps_the_initial_loss(tmp_path, tiny_bert_dir):
+    cfg = write_config(tmp_path, tiny_bert_dir)
+    assert main(["fit", "--config", cfg, "--model.quant.method", "rtn"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    for block in results["blocks"]:
+        assert block["steps"] == 0
+        assert block["loss_end"] == pytest.approx(block["loss_start"], rel=1e-5)
+
+
+def test_print_config_shows_overrides(tmp_path, tiny_bert_dir, capsys):
+    cfg = write_config(tmp_path, tiny_bert_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", cfg, "--model.quant.weight.bits", "2", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["quant"]["weight"]["bits"] == 2
+    assert not (tmp_path / "run").exists()
