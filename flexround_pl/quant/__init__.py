@@ -1,0 +1,33 @@
+"""Quantization core in plain PyTorch: grids, quantizers, layer wrappers, surgery."""
+
+from .adaround import AdaRoundQuantizer
+from .base import WeightQuantizer, build_quantizer, round_ste
+from .config import (
+    AdaRoundConfig,
+    FlexRoundConfig,
+    GridConfig,
+    QuantConfig,
+    validate_bits,
+)
+from .flexround import FlexRoundQuantizer
+from .grid import UniformGrid, group_view, ungroup
+from .layers import QuantConv1D, QuantConv2d, QuantizedLayer, QuantLinear
+from .rtn import RoundToNearest
+from .surgery import (
+    harden_modules,
+    learnable_parameters,
+    quantize_modules,
+    quantized_layers,
+    set_hard,
+    total_regularization,
+    wrapper_class,
+)
+
+__all__ = [
+    "AdaRoundConfig", "AdaRoundQuantizer", "FlexRoundConfig", "FlexRoundQuantizer",
+    "GridConfig", "QuantConfig", "QuantConv1D", "QuantConv2d", "QuantLinear",
+    "QuantizedLayer", "RoundToNearest", "UniformGrid", "WeightQuantizer",
+    "build_quantizer", "group_view", "harden_modules", "learnable_parameters",
+    "quantize_modules", "quantized_layers", "round_ste", "set_hard",
+    "total_regularization", "ungroup", "validate_bits", "wrapper_class",
+]

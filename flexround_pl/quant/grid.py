@@ -1,0 +1,149 @@
+"""The uniform integer grid of one weight tensor: step size ``s1`` and zero point.
+
+Every quantizer dequantizes as ``w_hat = s1 * (q - zero_point)`` with integer
+codes ``q`` in ``[qmin, qmax]``. The computation happens in the grid's *view*
+of the weight, where ``s1`` broadcasts:
+
+* ``tensor``:  the weight itself, ``s1`` of shape ``[1, 1, ...]``;
+* ``channel``: the weight itself, ``s1`` of shape ``[C_out, 1, ...]``;
+* ``group``:   ``[C_out, n_groups, group_size]`` (dims 1.. flattened, then cut
+  into groups of consecutive elements), ``s1`` of shape ``[C_out, n_groups, 1]``.
+
+``s1`` is stored as ``log_scale`` (the log parametrization every quantizer
+uses) and always evaluated as ``exp(log_scale)`` on the small scale tensor, so
+that RTN, FlexRound, AdaRound and the hardened layer use the very same float.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .config import GridConfig
+
+_MIN_STEP = 1e-8  # step of an all-zero channel / group
+
+
+def group_view(w: Tensor, cfg: GridConfig) -> Tensor:
+    """``w`` in the grid's view (unchanged unless ``cfg.granularity == 'group'``)."""
+    if cfg.granularity != "group":
+        return w
+    c_out = w.shape[0]
+    n_in = w[0].numel() if c_out else 0
+    if n_in % cfg.group_size:
+        raise ValueError(
+            f"group-wise quantization needs the flattened input size to be divisible by "
+            f"group_size: weight of shape {tuple(w.shape)} has {n_in} input elements per "
+            f"output channel, group_size={cfg.group_size}. Choose a group_size that divides "
+            f"{n_in}, or use granularity 'channel', or keep this layer in FP (keep_fp)."
+        )
+    return w.reshape(c_out, n_in // cfg.group_size, cfg.group_size)
+
+
+def ungroup(v: Tensor, shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`group_view`: back to the weight's ``shape``."""
+    return v.reshape(tuple(shape))
+
+
+def reduce_dims(v: Tensor, cfg: GridConfig) -> tuple[int, ...]:
+    """Dims of the grid view that share one step size."""
+    if cfg.granularity == "tensor":
+        return tuple(range(v.dim()))
+    if cfg.granularity == "channel":
+        return tuple(range(1, v.dim()))
+    return (2,)
+
+
+def fake_quant(v: Tensor, step: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Round-to-nearest on the grid: ``step * (clamp(round(v/step) + zp) - zp)``."""
+    q = torch.clamp(torch.round(v / step) + zero_point, qmin, qmax)
+    return step * (q - zero_point)
+
+
+class UniformGrid(nn.Module):
+    """Step size s1 (+ zero point) of one weight tensor for a GridConfig.
+
+    Initialization (``cfg.init``):
+
+    * ``minmax``: the smallest step whose grid covers ``[min(W, 0), max(W, 0)]``.
+      Symmetric: ``s1 = max(max(W)/qmax, min(W)/qmin)`` (zero point 0);
+      asymmetric: ``s1 = (max - min) / (qmax - qmin)``,
+      ``zero_point = clamp(round(-min / s1), qmin, qmax)``.
+    * ``lp``: BRECQ / QDrop search. The range is shrunk by ``alpha`` in
+      ``linspace(1/n, 1, n)`` (``n = cfg.lp_candidates``; 0.01..1 for n = 100)
+      and the ``alpha`` with the smallest ``sum |W - Q(W)|^p`` (``p =
+      cfg.lp_norm``) is kept, independently for every channel / group.
+      ``alpha = 1`` (min-max) is a candidate, so the Lp error never exceeds
+      min-max's.
+
+    The zero point is fixed here and never learned (as in the FlexRound code).
+    """
+
+    def __init__(self, weight: Tensor, cfg: GridConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.qmin, self.qmax = cfg.qmin, cfg.qmax
+        self.weight_shape = tuple(weight.shape)
+        with torch.no_grad():
+            log_scale, zero_point = self._init(self.group_view(weight.detach().float()))
+        self.register_buffer("log_scale", log_scale)
+        self.register_buffer("zero_point", zero_point)
+
+    # ---- views --------------------------------------------------------------
+    def group_view(self, w: Tensor) -> Tensor:
+        return group_view(w, self.cfg)
+
+    def ungroup(self, v: Tensor, shape: Sequence[int] | None = None) -> Tensor:
+        return ungroup(v, self.weight_shape if shape is None else shape)
+
+    def scale_shape(self) -> tuple[int, ...]:
+        """Shape of ``s1`` / ``zero_point`` (broadcasts against the grid view)."""
+        return tuple(self.log_scale.shape)
+
+    def step(self) -> Tensor:
+        """``s1 = exp(log_scale)``, the one float every user of this grid shares."""
+        return torch.exp(self.log_scale)
+
+    # ---- initialization ----------------------------------------------------
+    def _step_and_zero(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """log step and zero point of the grid covering ``[lo, hi]`` (lo <= 0 <= hi)."""
+        if self.cfg.symmetric:
+            step = torch.maximum(hi / self.qmax, lo / self.qmin)
+        else:
+            step = (hi - lo) / (self.qmax - self.qmin)
+        log_step = torch.log(step.clamp_min(_MIN_STEP))
+        step = torch.exp(log_step)  # the float the quantizers will use
+        if self.cfg.symmetric:
+            zero_point = torch.zeros_like(step)
+        else:
+            zero_point = torch.clamp(torch.round(-lo / step), self.qmin, self.qmax)
+        return log_step, zero_point
+
+    def _init(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        dims = reduce_dims(v, self.cfg)
+        lo = v.amin(dim=dims, keepdim=True).clamp_max(0)
+        hi = v.amax(dim=dims, keepdim=True).clamp_min(0)
+        best_log, best_zp = self._step_and_zero(lo, hi)
+        if self.cfg.init == "minmax" or self.cfg.lp_candidates == 1:
+            return best_log, best_zp
+        p, n = self.cfg.lp_norm, self.cfg.lp_candidates
+        best_err = self._lp_error(v, best_log, best_zp, p, dims)
+        for alpha in torch.linspace(1.0 / n, 1.0, n).flip(0)[1:].tolist():
+            log_step, zp = self._step_and_zero(lo * alpha, hi * alpha)
+            err = self._lp_error(v, log_step, zp, p, dims)
+            better = err < best_err  # ties keep the wider range
+            best_err = torch.where(better, err, best_err)
+            best_log = torch.where(better, log_step, best_log)
+            best_zp = torch.where(better, zp, best_zp)
+        return best_log, best_zp
+
+    def _lp_error(self, v: Tensor, log_step: Tensor, zp: Tensor, p: float, dims) -> Tensor:
+        err = fake_quant(v, torch.exp(log_step), zp, self.qmin, self.qmax) - v
+        return err.abs().pow(p).sum(dim=dims, keepdim=True)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        kind = "sym" if c.symmetric else "asym"
+        return f"bits={c.bits}, {kind}, granularity={c.granularity}, scale_shape={self.scale_shape()}"

@@ -1,0 +1,185 @@
+"""Drop-in wrappers of ``nn.Linear``, ``nn.Conv2d`` and Hugging Face ``Conv1D``.
+
+Life of a wrapper:
+
+1. ``from_float(module, cfg)``: keeps the FP weight as a frozen parameter
+   (``weight``, in the FP layer's layout) and builds a quantizer; forward uses
+   the soft fake-quantized weight, so gradients reach the quantizer's scales.
+2. ``harden()``: computes the integer codes once and keeps only ``codes``
+   (int8 symmetric / uint8 asymmetric), ``scale`` and ``zero_point`` (float32,
+   grid broadcast shape) + the frozen bias. The quantizer and the FP weight
+   parameter are deleted; the dequantized weight is cached as a
+   *non-persistent buffer named* ``weight`` (FP layout, FP dtype), so code that
+   reads ``layer.weight`` (dtype / device checks) keeps working, while the
+   state dict holds only ``codes``, ``scale``, ``zero_point`` and ``bias``.
+
+Codes live in the *grid layout*: output channels on dim 0, i.e. the FP layout
+for Linear / Conv2d and ``[out, in]`` (transposed) for ``Conv1D``. Dequantize in
+the grid view: ``scale * (codes - zero_point)``; :meth:`dequantize` does it.
+
+Loading a hardened state dict into a freshly wrapped (not hardened) layer
+hardens it on the fly from the stored codes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from .base import WeightQuantizer, build_quantizer
+from .config import GridConfig, QuantConfig
+from .grid import group_view, ungroup
+
+
+class QuantizedLayer(nn.Module):
+    """Base of the wrappers: FP weight + quantizer, then codes after :meth:`harden`."""
+
+    is_conv = False
+    transposed = False  # HF Conv1D: FP weight is [in, out]
+    quantizer: Optional[WeightQuantizer]
+    grid_cfg: GridConfig
+
+    def __init__(self, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None):
+        super().__init__()
+        self.weight = nn.Parameter(module.weight.detach(), requires_grad=False)
+        bias = getattr(module, "bias", None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.fp_dtype = module.weight.dtype
+        grid_weight = self._grid_weight()
+        self.grid_shape = tuple(grid_weight.shape)
+        self.fp_shape = tuple(self.weight.shape)
+        self.quantizer = build_quantizer(grid_weight, cfg, self.is_conv, bits)
+        self.grid_cfg = self.quantizer.grid.cfg
+        self.hardened = False
+
+    @classmethod
+    def from_float(cls, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None):
+        return cls(module, cfg, bits)
+
+    # ---- weights ------------------------------------------------------------
+    def _grid_weight(self) -> Tensor:
+        return self.weight.t() if self.transposed else self.weight
+
+    def _to_fp_layout(self, w: Tensor) -> Tensor:
+        return w.t() if self.transposed else w
+
+    def quantized_weight(self) -> Tensor:
+        """Soft fake-quantized weight (fp32, training) or the cached dequantized one."""
+        if self.hardened:
+            return self.weight
+        return self._to_fp_layout(self.quantizer(self._grid_weight()))
+
+    def dequantize(self) -> Tensor:
+        """``scale * (codes - zero_point)`` in the FP weight's shape (float32)."""
+        if not self.hardened:
+            raise RuntimeError("dequantize() needs codes: call harden() first")
+        v = group_view(self.codes.float(), self.grid_cfg)
+        return self._to_fp_layout(ungroup(self.scale * (v - self.zero_point), self.grid_shape))
+
+    # ---- hardening ----------------------------------------------------------
+    @torch.no_grad()
+    def harden(self) -> None:
+        """Fix the codes (hard rounding), drop the quantizer and the FP weight."""
+        if self.hardened:
+            return
+        q = self.quantizer
+        codes = q.codes(self._grid_weight())
+        scale = q.scale().clone()
+        zero_point = q.grid.zero_point.detach().float().clone()
+        self._set_hardened(codes, scale, zero_point)
+
+    def _set_hardened(self, codes: Tensor, scale: Tensor, zero_point: Tensor) -> None:
+        device = self.weight.device
+        del self.quantizer
+        self.quantizer = None
+        del self.weight  # the FP parameter
+        code_dtype = torch.int8 if self.grid_cfg.symmetric else torch.uint8
+        self.register_buffer("codes", codes.to(device=device, dtype=code_dtype))
+        self.register_buffer("scale", scale.to(device=device, dtype=torch.float32))
+        self.register_buffer("zero_point", zero_point.to(device=device, dtype=torch.float32))
+        self.hardened = True
+        self.register_buffer("weight", self.dequantize().to(self.fp_dtype), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a hardened checkpoint loaded into a fresh wrapper: become hardened first
+        key = prefix + "codes"
+        if not self.hardened and key in state_dict:
+            self._set_hardened(
+                state_dict[key].clone(),
+                state_dict[prefix + "scale"].clone(),
+                state_dict[prefix + "zero_point"].clone(),
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ---- forward helpers ----------------------------------------------------
+    def _weight_bias_for(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """Quantized weight and bias in ``x``'s dtype (fp32 scales stay fp32)."""
+        w, b = self.quantized_weight(), self.bias
+        if w.dtype != x.dtype and x.is_floating_point():
+            w = w.to(x.dtype)
+        if b is not None and b.dtype != x.dtype and x.is_floating_point():
+            b = b.to(x.dtype)
+        return w, b
+
+    def extra_repr(self) -> str:
+        c = self.grid_cfg
+        state = "hardened" if self.hardened else type(self.quantizer).__name__
+        return (
+            f"weight={self.fp_shape}, "
+            f"bias={self.bias is not None}, bits={c.bits}, "
+            f"{'sym' if c.symmetric else 'asym'}, {c.granularity}, {state}"
+        )
+
+
+class QuantLinear(QuantizedLayer):
+    """Quantized ``nn.Linear``: ``y = x W_hat^T + b``."""
+
+    def __init__(self, module: nn.Linear, cfg: QuantConfig, bits: Optional[int] = None):
+        super().__init__(module, cfg, bits)
+        self.in_features, self.out_features = module.in_features, module.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self._weight_bias_for(x)
+        return F.linear(x, w, b)
+
+
+class QuantConv2d(QuantizedLayer):
+    """Quantized ``nn.Conv2d`` (groups / depthwise, stride, padding, dilation, padding_mode)."""
+
+    is_conv = True
+
+    def __init__(self, module: nn.Conv2d, cfg: QuantConfig, bits: Optional[int] = None):
+        super().__init__(module, cfg, bits)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                     "dilation", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(self, name, getattr(module, name))
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self._weight_bias_for(x)
+        if self.padding_mode != "zeros":  # as nn.Conv2d._conv_forward
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, w, b, self.stride, _pair(0), self.dilation, self.groups)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QuantConv1D(QuantizedLayer):
+    """Quantized HF ``Conv1D`` (GPT-2): FP weight ``[in, out]``, ``y = x W + b``.
+
+    The grid (and the codes) use the transposed weight ``[out, in]``, so the
+    quantizer's output channel (dim 0) is the layer's output feature; forward
+    is ``F.linear(x, W^T, b)``.
+    """
+
+    transposed = True
+
+    def __init__(self, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None):
+        super().__init__(module, cfg, bits)
+        self.nf, self.nx = module.nf, module.nx
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self._weight_bias_for(x)
+        return F.linear(x, w.t(), b)

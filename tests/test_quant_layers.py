@@ -1,0 +1,190 @@
+"""Layer wrappers and model surgery (flexround_pl.quant.layers / surgery)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from flexround_pl.quant import (
+    GridConfig,
+    QuantConfig,
+    QuantConv1D,
+    QuantConv2d,
+    QuantizedLayer,
+    QuantLinear,
+    harden_modules,
+    learnable_parameters,
+    quantize_modules,
+    quantized_layers,
+    set_hard,
+    total_regularization,
+)
+
+METHODS = ["rtn", "flexround", "adaround"]
+
+
+def _cfg(method="flexround", **grid):
+    return QuantConfig(method=method, weight=GridConfig(**grid))
+
+
+def _cases():
+    torch.manual_seed(0)
+    return {
+        "linear": (nn.Linear(16, 8), torch.randn(2, 3, 16)),
+        "conv": (nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1), torch.randn(2, 4, 9, 9)),
+        "conv_reflect_dilated": (
+            nn.Conv2d(4, 4, 3, padding=2, dilation=2, padding_mode="reflect", bias=False),
+            torch.randn(1, 4, 8, 8),
+        ),
+        "depthwise": (nn.Conv2d(6, 6, 3, padding="same", groups=6), torch.randn(2, 6, 7, 7)),
+        "conv1d": (Conv1D(12, 16), torch.randn(2, 5, 16)),
+    }
+
+
+WRAPPER = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, Conv1D: QuantConv1D}
+
+
+def _rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", list(_cases()))
+def test_8bit_wrappers_preserve_the_fp_output(case, method):
+    fp, x = _cases()[case]
+    with torch.no_grad():
+        ref = fp(x)
+    q = WRAPPER[type(fp)].from_float(fp, _cfg(method, bits=8, granularity="channel"))
+    assert q.weight.shape == fp.weight.shape and not q.weight.requires_grad
+    out = q(x)
+    assert out.shape == ref.shape
+    assert _rel_err(out, ref) < 1e-2
+    q.harden()
+    assert q.dequantize().shape == fp.weight.shape
+    assert _rel_err(q(x), ref) < 1e-2
+
+
+def test_conv1d_is_quantized_per_output_feature():
+    fp = Conv1D(6, 10)  # weight [in=10, out=6]
+    with torch.no_grad():
+        fp.weight.mul_(torch.logspace(-2, 0, 6))  # very different output columns
+    q = QuantConv1D.from_float(fp, _cfg("rtn", bits=4, granularity="channel"))
+    assert q.quantizer.grid.scale_shape() == (6, 1)
+    q.harden()
+    assert q.codes.shape == (6, 10)  # grid layout [out, in]
+    assert q.weight.shape == (10, 6)  # dequantized cache in HF layout
+    torch.testing.assert_close(q.dequantize(), fp.weight.detach(), atol=0.07 * fp.weight.abs().amax(0).max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("case", ["linear", "conv", "depthwise", "conv1d"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_flexround_harden_is_exact(case, granularity):
+    fp, x = _cases()[case]
+    group_size = {"linear": 4, "conv": 4, "depthwise": 9, "conv1d": 8}[case]
+    cfg = _cfg("flexround", bits=3, symmetric=False, granularity=granularity, group_size=group_size)
+    q = WRAPPER[type(fp)].from_float(fp, cfg)
+    with torch.no_grad():  # move away from RTN
+        for p in learnable_parameters(q):
+            p.add_(0.2 * torch.randn_like(p))
+    before, w_before = q(x), q.quantized_weight()
+    q.harden()
+    assert torch.equal(q.quantized_weight(), w_before)
+    assert torch.equal(q(x), before)
+    assert q.codes.dtype == torch.uint8 and q.scale.dtype == torch.float32
+    assert q.codes.max() <= 7 and "weight" not in q.state_dict()
+    assert all(not p.requires_grad for p in q.parameters())
+
+
+def test_symmetric_codes_are_int8_and_dequantize_matches():
+    fp, x = _cases()["linear"]
+    q = QuantLinear.from_float(fp, _cfg("rtn", bits=8, granularity="group", group_size=8))
+    q.harden()
+    assert q.codes.dtype == torch.int8 and q.scale.shape == (8, 2, 1)
+    assert q.grid_cfg.bits == 8
+    torch.testing.assert_close(q.dequantize(), q.weight)
+
+
+def test_hardened_state_dict_loads_into_a_fresh_wrapper():
+    fp, x = _cases()["conv"]
+    a = QuantConv2d.from_float(fp, _cfg("flexround", bits=4, granularity="channel"))
+    with torch.no_grad():
+        a.quantizer.log_S2.add_(0.3 * torch.randn_like(a.quantizer.log_S2))
+    a.harden()
+    b = QuantConv2d.from_float(fp, _cfg("flexround", bits=4, granularity="channel"))
+    b.load_state_dict(a.state_dict())
+    assert b.hardened and b.quantizer is None
+    assert torch.equal(b(x), a(x))
+
+
+@pytest.mark.parametrize("case", ["linear", "conv", "conv1d"])
+def test_autocast_bf16_keeps_fp32_scales_and_backward_works(case):
+    fp, x = _cases()[case]
+    q = WRAPPER[type(fp)].from_float(fp, _cfg("flexround", bits=4, granularity="channel"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(x)
+        ref = fp(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    out.float().pow(2).sum().backward()
+    for p in learnable_parameters(q):
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+    assert torch.isfinite(q.quantizer.log_S2.grad).all()
+    # bf16 input without autocast: the weight is cast to the input dtype
+    assert q(x.bfloat16()).dtype == torch.bfloat16
+
+
+def _toy_model():
+    torch.manual_seed(0)
+    return nn.ModuleDict(
+        {
+            "stem": nn.Conv2d(3, 4, 3),
+            "body": nn.Sequential(nn.Linear(8, 8), nn.ReLU(), Conv1D(8, 8)),
+            "attn": nn.MultiheadAttention(8, 2),
+            "head": nn.Linear(8, 2),
+            "norm": nn.LayerNorm(8),
+        }
+    )
+
+
+def test_quantize_modules_respects_keep_fp_and_eight_bit():
+    m = _toy_model()
+    cfg = _cfg("flexround", bits=4)
+    cfg.keep_fp = [r"^body\.2$"]
+    names = quantize_modules(m, cfg, keep_fp=[r"head"], eight_bit=[r"^stem$"])
+    assert names == ["stem", "body.0"]
+    assert isinstance(m["head"], nn.Linear) and isinstance(m["body"][2], Conv1D)
+    assert type(m["attn"].out_proj) is not QuantLinear  # MHA reads out_proj.weight directly
+    assert m["stem"].grid_cfg.bits == 8 and m["body"][0].grid_cfg.bits == 4
+    assert [n for n, _ in quantized_layers(m)] == ["stem", "body.0"]
+    # qualified names with a prefix; already-wrapped layers are left alone
+    names = quantize_modules(m, _cfg("rtn"), prefix="model.layers.0", keep_fp=[r"^model\.layers\.0\.head$"])
+    assert names == ["model.layers.0.body.2"]
+    assert isinstance(m["body"][2], QuantConv1D)
+
+
+def test_module_helpers_adaround():
+    m = _toy_model()
+    quantize_modules(m, _cfg("adaround", bits=4), keep_fp=["stem"])
+    layers = [l for _, l in quantized_layers(m)]
+    params = learnable_parameters(m)
+    assert len(params) == len(layers) == 3 and all(p.requires_grad for p in params)
+    assert total_regularization(m, 0.1).item() == 0
+    reg = total_regularization(m, 0.5)
+    assert reg.item() > 0 and reg.requires_grad
+    set_hard(m, True)
+    assert all(l.quantizer.hard for l in layers)
+    harden_modules(m)
+    assert all(l.hardened for l in layers) and learnable_parameters(m) == []
+    assert [n for n, p in m.named_parameters() if p.requires_grad and "attn" not in n and "norm" not in n
+            and "stem" not in n] == []
+    x = torch.randn(2, 8)
+    assert m["body"](x).shape == (2, 8)
+
+
+def test_shared_module_gets_one_wrapper():
+    lin = nn.Linear(4, 4)
+    m = nn.ModuleDict({"a": nn.Sequential(lin), "b": nn.Sequential(lin)})
+    names = quantize_modules(m, _cfg("rtn"))
+    assert names == ["a.0", "b.0"] and m["a"][0] is m["b"][0]
+    assert isinstance(m["a"][0], QuantizedLayer)
