@@ -1,16 +1,26 @@
 """Quantization core in plain PyTorch: grids, quantizers, layer wrappers, surgery."""
 
+from .activation import (
+    ActivationQuantizer,
+    activation_parameters,
+    activation_quantizers,
+    calibrate_activations,
+    qdrop,
+)
 from .adaround import AdaRoundQuantizer
 from .base import WeightQuantizer, build_quantizer, round_ste
 from .config import (
+    ActivationConfig,
     AdaRoundConfig,
     FlexRoundConfig,
     GridConfig,
+    NUPESConfig,
     QuantConfig,
     validate_bits,
 )
 from .flexround import FlexRoundQuantizer
 from .grid import UniformGrid, group_view, ungroup
+from .nupes import NUPESQuantizer
 from .layers import QuantConv1D, QuantConv2d, QuantizedLayer, QuantLinear
 from .rtn import RoundToNearest
 from .surgery import (
@@ -24,6 +34,8 @@ from .surgery import (
 )
 
 __all__ = [
+    "ActivationConfig", "ActivationQuantizer", "NUPESConfig", "NUPESQuantizer",
+    "activation_parameters", "activation_quantizers", "calibrate_activations", "qdrop",
     "AdaRoundConfig", "AdaRoundQuantizer", "FlexRoundConfig", "FlexRoundQuantizer",
     "GridConfig", "QuantConfig", "QuantConv1D", "QuantConv2d", "QuantLinear",
     "QuantizedLayer", "RoundToNearest", "UniformGrid", "WeightQuantizer",

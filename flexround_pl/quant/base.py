@@ -91,6 +91,10 @@ class WeightQuantizer(nn.Module):
         """``s1`` (detached float32) in the grid's broadcast shape."""
         return torch.exp(self.log_step()).detach().float()
 
+    def exponent(self) -> Optional[Tensor]:
+        """Power-grid exponent (detached float32 scalar) of non-uniform quantizers; None for uniform grids."""
+        return None
+
     def regularization(self, progress: float) -> Tensor:
         """Extra loss term; 0 except for AdaRound."""
         return torch.zeros((), device=self.grid.log_scale.device)
@@ -106,6 +110,7 @@ def build_quantizer(
     """
     from .adaround import AdaRoundQuantizer
     from .flexround import FlexRoundQuantizer
+    from .nupes import NUPESQuantizer
     from .rtn import RoundToNearest
 
     grid_cfg = cfg.weight if bits is None else replace(cfg.weight, bits=bits)
@@ -115,4 +120,6 @@ def build_quantizer(
         return FlexRoundQuantizer(weight, grid_cfg, cfg.flexround, is_conv)
     if cfg.method == "adaround":
         return AdaRoundQuantizer(weight, grid_cfg, cfg.adaround)
+    if cfg.method == "nupes":
+        return NUPESQuantizer(weight, grid_cfg, cfg.nupes, cfg.flexround, is_conv)
     raise ValueError(f"unknown quantization method {cfg.method!r}")

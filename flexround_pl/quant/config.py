@@ -11,9 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-Method = Literal["rtn", "flexround", "adaround"]
+Method = Literal["rtn", "flexround", "adaround", "nupes"]
 Granularity = Literal["tensor", "channel", "group"]
 GridInit = Literal["minmax", "lp"]
+ActivationInit = Literal["mse", "minmax"]
+NUPESMode = Literal["data_free", "data_driven"]
+NUPESRounding = Literal["additive", "flexround"]
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -86,24 +89,111 @@ class AdaRoundConfig:
 
 
 @dataclass
+class NUPESConfig:
+    """NUPES (Yvinec, Dapogny, Bailly, arXiv 2308.05600): a power-function grid.
+
+    The weight is mapped to ``t = sign(W)|W|^a``, ``t`` is quantized on the
+    uniform grid of ``model.quant.weight`` and mapped back with
+    ``sign(t_hat)|t_hat|^(1/a)``; ``a`` is one exponent per layer.
+
+    ``mode``: ``data_free`` searches ``a`` (and the grid) by weight
+    reconstruction error only, nothing is trained; ``data_driven`` starts from
+    that search and learns ``a``, the grid step and the quantized values with
+    the block reconstruction loss.
+    ``rounding`` (data-driven): ``additive`` learns a free offset per weight in
+    grid steps (codes may move anywhere in the quantized range, not only up or
+    down); ``flexround`` learns FlexRound's divisor ``s1*S2*s3[*s4]`` on ``t``
+    (uses ``model.quant.flexround``).
+    ``exponent_min`` / ``exponent_max``: the range searched and, in the
+    data-driven mode, the range ``a`` is kept in while learning.
+    ``exponent_candidates``: exponents of the coarse search (a finer search
+    around the best one follows). ``learn_exponent``: data-driven mode trains ``a``.
+    See docs/NUPES.md.
+    """
+
+    mode: NUPESMode = "data_driven"
+    rounding: NUPESRounding = "additive"
+    exponent_min: float = 0.2
+    exponent_max: float = 1.0
+    exponent_candidates: int = 9
+    learn_exponent: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("data_free", "data_driven"):
+            raise ValueError(f"nupes.mode must be 'data_free' or 'data_driven', got {self.mode!r}")
+        if self.rounding not in ("additive", "flexround"):
+            raise ValueError(f"nupes.rounding must be 'additive' or 'flexround', got {self.rounding!r}")
+        if not 0 < self.exponent_min <= self.exponent_max:
+            raise ValueError(
+                "nupes exponents need 0 < exponent_min <= exponent_max, got "
+                f"exponent_min={self.exponent_min}, exponent_max={self.exponent_max}"
+            )
+        if self.exponent_candidates < 1:
+            raise ValueError(f"nupes.exponent_candidates must be >= 1, got {self.exponent_candidates}")
+
+
+@dataclass
+class ActivationConfig:
+    """Activation quantization at the input of every quantized layer (LSQ step sizes).
+
+    ``bits``: ``None`` keeps activations in floating point (weight-only PTQ);
+    4 or 8 quantize the input of every quantized Linear / Conv (8 bits for
+    the architecture's first / last layers, as for their weights).
+    ``symmetric``: ``False`` (default, as QDrop) is an asymmetric unsigned grid
+    whose zero point is fixed at initialization; ``True`` is a grid with zero
+    point 0, unsigned ``[0, 2^b - 1]`` when the calibration inputs are all
+    ``>= 0`` (post-ReLU) and signed ``[-2^(b-1), 2^(b-1) - 1]`` otherwise.
+    ``init``: the per-tensor step size from calibration statistics, ``minmax``
+    (the observed range) or ``mse`` (the shrunk range, among
+    ``init_candidates``, with the smallest squared error).
+    ``init_samples``: calibration samples run through each block to initialize.
+    ``lr``: the Adam learning rate of the step sizes (their own parameter
+    group, cosine-decayed with the weights'; QDrop uses 4e-5).
+    """
+
+    bits: Optional[int] = None
+    symmetric: bool = False
+    init: ActivationInit = "mse"
+    init_candidates: int = 100
+    init_samples: int = 256
+    lr: float = 4e-5
+
+    def __post_init__(self) -> None:
+        validate_bits(self.bits, "activation.bits")
+        if self.init not in ("mse", "minmax"):
+            raise ValueError(f"activation.init must be 'mse' or 'minmax', got {self.init!r}")
+        if self.init_candidates < 1:
+            raise ValueError(f"activation.init_candidates must be >= 1, got {self.init_candidates}")
+        if self.init_samples < 1:
+            raise ValueError(f"activation.init_samples must be >= 1, got {self.init_samples}")
+        if not self.lr > 0:
+            raise ValueError(f"activation.lr must be positive, got {self.lr}")
+
+
+@dataclass
 class QuantConfig:
     """Everything that decides how a network's weights are quantized.
 
     ``keep_fp``: regular expressions on module names (``model.named_modules()``)
     of layers that stay in floating point, matched with ``re.search``.
     Adapters add their family's defaults (classifier, ``lm_head``, embeddings).
+    ``activation``: input quantization of the quantized layers (off by default).
+    ``nupes``: settings of ``method: nupes`` (power-function weight grid).
     """
 
     method: Method = "flexround"
     weight: GridConfig = field(default_factory=GridConfig)
     flexround: FlexRoundConfig = field(default_factory=FlexRoundConfig)
     adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
+    nupes: NUPESConfig = field(default_factory=NUPESConfig)
+    activation: ActivationConfig = field(default_factory=ActivationConfig)
     keep_fp: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.method not in ("rtn", "flexround", "adaround"):
+        if self.method not in ("rtn", "flexround", "adaround", "nupes"):
             raise ValueError(
-                f"quantization method must be 'rtn', 'flexround' or 'adaround', got {self.method!r}"
+                "quantization method must be 'rtn', 'flexround', 'adaround' or 'nupes', "
+                f"got {self.method!r}"
             )
 
 

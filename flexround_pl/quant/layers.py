@@ -19,6 +19,16 @@ the grid view: ``scale * (codes - zero_point)``; :meth:`dequantize` does it.
 
 Loading a hardened state dict into a freshly wrapped (not hardened) layer
 hardens it on the fly from the stored codes.
+
+Non-uniform grids (NUPES) also keep ``exponent`` (a float32 scalar buffer):
+:meth:`dequantize` then returns ``sign(u) * |u|^(1 / exponent)`` with
+``u = scale * (codes - zero_point)``.
+
+With ``QuantConfig.activation.bits`` set, the layer's input goes through an
+:class:`~flexround_pl.quant.activation.ActivationQuantizer` (``act_quant``,
+8 bits for the architecture's ``eight_bit`` layers); its calibrated step size,
+zero point and range are in the state dict (``act_quant.*``) before and after
+hardening.
 """
 
 from __future__ import annotations
@@ -30,9 +40,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from .activation import ActivationQuantizer
 from .base import WeightQuantizer, build_quantizer
 from .config import GridConfig, QuantConfig
 from .grid import group_view, ungroup
+from .nupes import inverse_power
 
 
 class QuantizedLayer(nn.Module):
@@ -55,6 +67,10 @@ class QuantizedLayer(nn.Module):
         self.quantizer = build_quantizer(grid_weight, cfg, self.is_conv, bits)
         self.grid_cfg = self.quantizer.grid.cfg
         self.hardened = False
+        a_bits = cfg.activation.bits
+        if a_bits is not None and bits is not None:
+            a_bits = max(a_bits, bits)  # first / last layer: input at 8 bits too
+        self.act_quant = None if a_bits is None else ActivationQuantizer(a_bits, cfg.activation)
 
     @classmethod
     def from_float(cls, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None):
@@ -78,7 +94,11 @@ class QuantizedLayer(nn.Module):
         if not self.hardened:
             raise RuntimeError("dequantize() needs codes: call harden() first")
         v = group_view(self.codes.float(), self.grid_cfg)
-        return self._to_fp_layout(ungroup(self.scale * (v - self.zero_point), self.grid_shape))
+        u = self.scale * (v - self.zero_point)
+        exponent = getattr(self, "exponent", None)
+        if exponent is not None:
+            u = inverse_power(u, exponent)
+        return self._to_fp_layout(ungroup(u, self.grid_shape))
 
     # ---- hardening ----------------------------------------------------------
     @torch.no_grad()
@@ -90,9 +110,12 @@ class QuantizedLayer(nn.Module):
         codes = q.codes(self._grid_weight())
         scale = q.scale().clone()
         zero_point = q.grid.zero_point.detach().float().clone()
-        self._set_hardened(codes, scale, zero_point)
+        exponent = q.exponent()
+        self._set_hardened(codes, scale, zero_point, None if exponent is None else exponent.clone())
 
-    def _set_hardened(self, codes: Tensor, scale: Tensor, zero_point: Tensor) -> None:
+    def _set_hardened(
+        self, codes: Tensor, scale: Tensor, zero_point: Tensor, exponent: Optional[Tensor] = None
+    ) -> None:
         device = self.weight.device
         del self.quantizer
         self.quantizer = None
@@ -101,8 +124,14 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("codes", codes.to(device=device, dtype=code_dtype))
         self.register_buffer("scale", scale.to(device=device, dtype=torch.float32))
         self.register_buffer("zero_point", zero_point.to(device=device, dtype=torch.float32))
+        if exponent is not None:
+            self.register_buffer("exponent", exponent.reshape(()).to(device=device, dtype=torch.float32))
+        if self.act_quant is not None:
+            self.act_quant.scale.requires_grad_(False)
         self.hardened = True
-        self.register_buffer("weight", self.dequantize().to(self.fp_dtype), persistent=False)
+        # contiguous: the layout must not depend on how the codes were made (harden() vs a
+        # loaded checkpoint), or kernels differ and a reloaded model is not bitwise the same
+        self.register_buffer("weight", self.dequantize().to(self.fp_dtype).contiguous(), persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a hardened checkpoint loaded into a fresh wrapper: become hardened first
@@ -112,10 +141,15 @@ class QuantizedLayer(nn.Module):
                 state_dict[key].clone(),
                 state_dict[prefix + "scale"].clone(),
                 state_dict[prefix + "zero_point"].clone(),
+                state_dict[prefix + "exponent"].clone() if prefix + "exponent" in state_dict else None,
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- forward helpers ----------------------------------------------------
+    def _quantize_input(self, x: Tensor) -> Tensor:
+        """The layer input through the activation quantizer (identity without one)."""
+        return x if self.act_quant is None else self.act_quant(x)
+
     def _weight_bias_for(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Quantized weight and bias in ``x``'s dtype (fp32 scales stay fp32)."""
         w, b = self.quantized_weight(), self.bias
@@ -132,6 +166,7 @@ class QuantizedLayer(nn.Module):
             f"weight={self.fp_shape}, "
             f"bias={self.bias is not None}, bits={c.bits}, "
             f"{'sym' if c.symmetric else 'asym'}, {c.granularity}, {state}"
+            + ("" if self.act_quant is None else f", a_bits={self.act_quant.bits}")
         )
 
 
@@ -143,6 +178,7 @@ class QuantLinear(QuantizedLayer):
         self.in_features, self.out_features = module.in_features, module.out_features
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self._quantize_input(x)
         w, b = self._weight_bias_for(x)
         return F.linear(x, w, b)
 
@@ -159,6 +195,7 @@ class QuantConv2d(QuantizedLayer):
             setattr(self, name, getattr(module, name))
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self._quantize_input(x)
         w, b = self._weight_bias_for(x)
         if self.padding_mode != "zeros":  # as nn.Conv2d._conv_forward
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -181,5 +218,6 @@ class QuantConv1D(QuantizedLayer):
         self.nf, self.nx = module.nf, module.nx
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self._quantize_input(x)
         w, b = self._weight_bias_for(x)
         return F.linear(x, w.t(), b)

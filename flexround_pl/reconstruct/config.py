@@ -7,14 +7,16 @@ everything else about one block's optimization lives here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
 class ReconstructionConfig:
     """Block reconstruction settings.
 
-    ``lr``: the single Adam learning rate of all learnable quantizer parameters
-    (cosine-decayed to 0 over ``max_steps``); the paper uses 2e-4 (BERT),
+    ``lr``: the Adam learning rate of all learnable weight-quantizer parameters
+    (cosine-decayed to 0 over ``max_steps``; activation step sizes have their
+    own group, ``quant.activation.lr``); the paper uses 2e-4 (BERT),
     3e-4 (GPT-Neo), 4e-4 / 1e-3 (ImageNet CNNs).
     ``batch_size``: calibration samples per step.
     ``eval_batch_size``: samples per forward when computing targets, pushing
@@ -23,6 +25,15 @@ class ReconstructionConfig:
     rounding, quantized inputs) is measured; the parameters with the lowest
     such loss, the initial grid included, are kept at the end of the block.
     ``seed``: seeds each block's sampling (block ``i`` uses ``seed + i``).
+    ``qdrop_p``: QDrop (Wei et al., ICLR 2022) during training steps: each
+    element of the block input is the quantized-network input with probability
+    ``p`` and the FP-network input otherwise, and each activation quantizer
+    keeps its quantized output with probability ``p`` (else its FP input).
+    ``1`` trains on quantized inputs with every activation quantized (no drop);
+    ``0`` trains on FP inputs with FP activations. Validation, hardening and
+    evaluation never drop. ``None`` (default): 0.5 when activations are
+    quantized (``quant.activation.bits``), else 1 (plain quantized-input
+    reconstruction, as weight-only FlexRound).
     """
 
     lr: float = 1e-3
@@ -30,6 +41,7 @@ class ReconstructionConfig:
     eval_batch_size: int = 64
     evaluations: int = 4
     seed: int = 0
+    qdrop_p: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -39,3 +51,11 @@ class ReconstructionConfig:
                 raise ValueError(f"reconstruction.{name} must be >= 1, got {getattr(self, name)}")
         if self.evaluations < 0:
             raise ValueError(f"reconstruction.evaluations must be >= 0, got {self.evaluations}")
+        if self.qdrop_p is not None and not 0.0 <= self.qdrop_p <= 1.0:
+            raise ValueError(f"reconstruction.qdrop_p must be in [0, 1], got {self.qdrop_p}")
+
+    def effective_qdrop_p(self, activations_quantized: bool) -> float:
+        """``qdrop_p``, or its default: 0.5 with activation quantization, 1 without."""
+        if self.qdrop_p is not None:
+            return float(self.qdrop_p)
+        return 0.5 if activations_quantized else 1.0

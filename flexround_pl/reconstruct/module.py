@@ -6,6 +6,12 @@ every learnable quantizer parameter with cosine decay, as in the FlexRound
 paper and the authors' code. The teacher's outputs are computed once per block
 into the :class:`~flexround_pl.reconstruct.cache.CalibrationCache`; no step
 re-runs the teacher.
+
+With activation quantization, the LSQ step sizes are a second Adam group with
+their own learning rate (same cosine schedule), and training steps apply QDrop
+(``qdrop_p``): the block input mixes quantized and FP inputs element-wise and
+each activation quantizer randomly keeps its FP input. Validation always runs
+on the quantized inputs with every activation quantized.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from flexround_pl.quant.activation import activation_parameters, calibrate_activations, qdrop
 from flexround_pl.quant.surgery import learnable_parameters, set_hard, total_regularization
-from flexround_pl.reconstruct.cache import block_output, to_device
+from flexround_pl.reconstruct.cache import CalibrationCache, block_output, to_device
 
 
 def reconstruction_loss(pred: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -45,16 +52,31 @@ class BlockReconstruction(L.LightningModule):
         lr: Adam learning rate (one group), cosine-decayed to 0 over ``max_steps``.
         tag: prefix of the logged metrics, e.g. ``block_03`` (a shared
             TensorBoard logger restarts its step at 0 for every block).
+        act_lr: Adam learning rate of the activation step sizes (second group).
+        qdrop_p: QDrop probability of keeping quantization in training steps
+            (block input and every activation quantizer); 1 = no drop.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, lr: float, tag: str = "block") -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        lr: float,
+        tag: str = "block",
+        act_lr: Optional[float] = None,
+        qdrop_p: float = 1.0,
+    ) -> None:
         super().__init__()
         self.teacher = teacher.requires_grad_(False)
         self.student = student
         self.lr = lr
         self.tag = tag
-        self.params = learnable_parameters(student)
-        if not self.params:
+        self.act_lr = lr if act_lr is None else act_lr
+        self.qdrop_p = float(qdrop_p)
+        self.weight_params = learnable_parameters(student)
+        self.act_params = activation_parameters(student)
+        self.params = self.weight_params + self.act_params  # what KeepBestParameters snapshots
+        if not self.weight_params:
             raise ValueError(f"{tag}: the student has no learnable quantizer parameters (method 'rtn'?)")
 
     def train(self, mode: bool = True) -> "BlockReconstruction":
@@ -67,12 +89,27 @@ class BlockReconstruction(L.LightningModule):
     def forward(self, batch: dict[str, Any]) -> Tensor:
         return block_output(self.student(batch["q_inputs"], *batch["args"], **batch["kwargs"]))
 
+    def mixed_input(self, batch: dict[str, Any]) -> Tensor:
+        """QDrop block input: ``where(rand < p, q_inputs, fp_inputs)`` element-wise."""
+        q, p = batch["q_inputs"], self.qdrop_p
+        if p >= 1.0:
+            return q
+        fp = batch["fp_inputs"].to(q.dtype)
+        if p <= 0.0:
+            return fp
+        return torch.where(torch.rand(q.shape, device=q.device) < p, q, fp)
+
+    def training_forward(self, batch: dict[str, Any]) -> Tensor:
+        """Student output of a training step: QDrop on the input and inside the block."""
+        with qdrop(self.student, self.qdrop_p):
+            return block_output(self.student(self.mixed_input(batch), *batch["args"], **batch["kwargs"]))
+
     def _progress(self) -> float:
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 1
         return min(1.0, self.global_step / total)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        rec = reconstruction_loss(self(batch), batch["targets"], batch.get("loss_mask"))
+        rec = reconstruction_loss(self.training_forward(batch), batch["targets"], batch.get("loss_mask"))
         reg = total_regularization(self.student, self._progress())
         self.log(f"{self.tag}/loss", rec, prog_bar=True)
         if reg.requires_grad or reg.item() != 0:
@@ -88,7 +125,10 @@ class BlockReconstruction(L.LightningModule):
         self.log(f"{self.tag}/val_loss", loss, batch_size=batch["q_inputs"].shape[0])
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.Adam(self.params, lr=self.lr)
+        groups = [{"params": self.weight_params, "lr": self.lr}]
+        if self.act_params:
+            groups.append({"params": self.act_params, "lr": self.act_lr})
+        optimizer = torch.optim.Adam(groups, lr=self.lr)
         total = max(1, self.trainer.max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
@@ -108,3 +148,42 @@ def block_loss(block: nn.Module, batches: Any, device: torch.device) -> float:
         count += n
     return total / max(count, 1)
 
+
+
+@torch.no_grad()
+def calibrate_block_activations(
+    block: nn.Module, cache: CalibrationCache, device: torch.device, batch_size: int, max_samples: int
+) -> int:
+    """Initialize the block's activation quantizers on the quantized inputs of the first ``max_samples`` samples."""
+    n = min(len(cache), max_samples)
+
+    def run() -> None:
+        for start in range(0, n, batch_size):
+            index = torch.arange(start, min(start + batch_size, n))
+            args, kwargs = to_device(cache.call_args(index), device)
+            block(cache.q_inputs[index].to(device), *args, **kwargs)
+
+    return calibrate_activations(block, run)
+
+
+@torch.no_grad()
+def calibrate_model_activations(
+    net: nn.Module, run_model: Any, make_batches: Any, max_samples: int
+) -> int:
+    """Initialize activation quantizers still uncalibrated under ``net`` (layers outside every block).
+
+    ``run_model(inputs)`` runs the whole model on one batch (labels removed);
+    ``make_batches()`` returns a fresh iterable of calibration batches. At most
+    ``max_samples`` samples are used. Returns the number of quantizers initialized.
+    """
+
+    def run() -> None:
+        seen = 0
+        for batch in make_batches():
+            if seen >= max_samples:
+                break
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            run_model(inputs)
+            seen += len(next(iter(inputs.values())))
+
+    return calibrate_activations(net, run)
