@@ -61,3 +61,23 @@ def test_batch_gathers_per_sample_extras(tiny_bert_dir):
     assert batch["q_inputs"].shape[0] == 2 and batch["targets"].shape[0] == 2
     out = block_output(arch.blocks(model)[0][1](batch["q_inputs"], *batch["args"], **batch["kwargs"]))
     torch.testing.assert_close(out, batch["targets"], atol=1e-5, rtol=1e-5)
+
+
+def test_padded_and_unpadded_batches_mix(tiny_bert_dir):
+    """A batch without padding gets mask None from transformers; it must still replay correctly."""
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
+    arch = find_architecture(model)
+    batches = _batches(n_batches=2)
+    batches[0]["attention_mask"][:] = 1  # no padding at all in the first batch
+    batches.append({k: v[:1] for k, v in _batches(n_batches=1)[0].items()})  # a last batch of one sample
+    cache = CalibrationCache.capture(lambda inp: arch.forward(model, inp), arch.blocks(model)[0][1], batches)
+    assert len(cache) == 9
+    block = arch.blocks(model)[0][1]
+    seen = []
+    h = block.register_forward_hook(lambda m, a, o: seen.append(block_output(o)))
+    with torch.no_grad():
+        for b in batches:
+            arch.forward(model, {k: v for k, v in b.items() if k != "labels"})
+    h.remove()
+    cache.compute_targets(block, torch.device("cpu"), batch_size=3)
+    torch.testing.assert_close(cache.targets, torch.cat(seen), atol=1e-5, rtol=1e-5)

@@ -1,6 +1,6 @@
 """Model sources (where weights come from) and architecture adapters (how to walk them)."""
 
-from flexround_pl.models import bert  # noqa: F401  (registers the adapter)
+from flexround_pl.models import bert, gpt2, gpt_neo, llama, opt  # noqa: F401  (register the adapters)
 from flexround_pl.models.adapter import Architecture, find_architecture, register
 from flexround_pl.models.sources import HFModel, ModelSource
 

@@ -57,6 +57,58 @@ def block_output(out: Any) -> Tensor:
     return out[0]  # transformers ModelOutput
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """Position ``k`` of a leaf in one record's flattened call arguments."""
+
+    k: int
+
+
+@dataclass
+class _Column:
+    """One argument leaf across all captured batches: per-sample (stacked) or shared (stored once).
+
+    A tensor whose first dimension is its batch's size is per sample (decided
+    on the largest batch, so a last batch of one sample cannot turn a shared
+    ``[1, T]`` tensor into a per-sample one). Hugging Face passes ``None``
+    for an attention mask when a batch has no padding; next to padded
+    batches that ``None`` is replaced by the equivalent attend-everywhere
+    mask (``True`` for boolean masks, ``0`` for additive float masks).
+    """
+
+    per_sample: bool
+    stacked: Optional[Tensor] = None
+    value: Any = None
+
+    @classmethod
+    def build(cls, k: int, values: list[Any], sizes: list[int]) -> "_Column":
+        tensors = [(b, v) for b, v in zip(sizes, values) if isinstance(v, Tensor)]
+        if not tensors:
+            if any(v != values[0] for v in values):
+                raise ValueError(f"calibration batches pass different values for block argument #{k}")
+            return cls(per_sample=False, value=values[0])
+        b_ref, ref = max(tensors, key=lambda t: t[0])
+        if ref.dim() == 0 or ref.shape[0] != b_ref:
+            if len(tensors) != len(values) or any(v.shape != ref.shape or not torch.equal(v, ref) for _, v in tensors):
+                raise ValueError(
+                    f"block argument #{k} is shared across a batch but differs between calibration batches; "
+                    "give every calibration batch the same shape"
+                )
+            return cls(per_sample=False, value=ref.detach().cpu())
+        rows = []
+        for b, v in zip(sizes, values):
+            if v is None:
+                fill = True if ref.dtype == torch.bool else 0
+                v = torch.full((b, *ref.shape[1:]), fill, dtype=ref.dtype)
+            if not isinstance(v, Tensor) or v.shape[1:] != ref.shape[1:] or v.shape[0] != b:
+                raise ValueError(
+                    f"block argument #{k} has shape {tuple(getattr(v, 'shape', ()))} in one calibration batch "
+                    f"and {tuple(ref.shape)} in another; give every calibration batch the same shape"
+                )
+            rows.append(v.detach().cpu())
+        return cls(per_sample=True, stacked=torch.cat(rows))
+
+
 class _StopForward(Exception):
     """Raised by the capture hook: nothing after the first block needs to run."""
 
@@ -132,30 +184,27 @@ class CalibrationCache:
 
     @classmethod
     def _from_records(cls, records: list[tuple[tuple, dict]], masks: list[Optional[Tensor]]) -> "CalibrationCache":
-        hidden, template, per_sample = [], None, []
+        hidden, skeletons, leaves = [], [], []
         for args, kwargs in records:
             if args:
                 h, rest = args[0], args[1:]
             else:
                 kwargs = dict(kwargs)
                 h, rest = kwargs.pop("hidden_states"), ()
-            b = h.shape[0]
             hidden.append(h.detach().cpu())
-            slots: list[Tensor] = []
-
-            def split(leaf: Any) -> Any:
-                if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == b:
-                    slots.append(leaf.detach().cpu())
-                    return _PerSample(len(slots) - 1)
-                if isinstance(leaf, Tensor):
-                    return leaf.detach().cpu()
-                return leaf
-
-            tree = _map((rest, kwargs), split)
-            if template is None:
-                template = tree
-            per_sample.append(slots)
-        extras = [torch.cat([slots[k] for slots in per_sample]) for k in range(len(per_sample[0]))]
+            flat: list[Any] = []
+            skeletons.append(_map((rest, kwargs), lambda leaf: (flat.append(leaf), _Slot(len(flat) - 1))[1]))
+            leaves.append(flat)
+        if any(sk != skeletons[0] for sk in skeletons):
+            raise ValueError(
+                "calibration batches call the first block with different arguments; "
+                "give every calibration batch the same shape (pad text to a fixed max_length)"
+            )
+        sizes = [h.shape[0] for h in hidden]
+        columns = [_Column.build(k, [flat[k] for flat in leaves], sizes) for k in range(len(leaves[0]))]
+        extras = [c.stacked for c in columns if c.per_sample]
+        keys = iter(range(len(extras)))
+        template = _map(skeletons[0], lambda slot: _PerSample(next(keys)) if columns[slot.k].per_sample else columns[slot.k].value)
         fp_inputs = torch.cat(hidden)
         loss_mask = None
         if all(m is not None for m in masks):

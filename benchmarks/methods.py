@@ -1,0 +1,80 @@
+"""Quality benchmark: one config, several methods and bit-widths, equal iterations.
+
+Runs ``python -m flexround_pl fit`` once per (method, bits), reads each run's
+``results.json``, prints a markdown table and writes the collected rows to JSON.
+
+    python benchmarks/methods.py --config configs/demo.yaml --methods rtn adaround flexround --bits 4 3
+    python benchmarks/methods.py --config configs/smollm2_wiki.yaml --bits 4 3 -- --trainer.max_steps 100
+
+Arguments after ``--`` are passed to every run (any LightningCLI override).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def run_one(config: str, method: str, bits: int, root: str, extra: list[str]) -> dict:
+    cmd = [
+        sys.executable, "-m", "flexround_pl", "fit", "--config", config,
+        "--model.quant.method", method, "--model.quant.weight.bits", str(bits),
+        "--trainer.default_root_dir", root, *extra,
+    ]
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    with open(os.path.join(root, "results.json")) as f:
+        results = json.load(f)
+    results["wall_seconds"] = time.perf_counter() - start
+    return results
+
+
+def table(rows: list[dict]) -> str:
+    metrics = sorted({k for r in rows for k in r["quantized"]})
+    head = ["method", "W", "granularity", "steps/block"] + [f"FP {m}" for m in metrics] + metrics + ["time (s)", "peak RSS (MB)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], str(r["w_bits"]), r["granularity"], str(r["max_steps"] if r["method"] != "rtn" else 0)]
+        cells += [f"{r['fp'].get(m, float('nan')):.4f}" for m in metrics]
+        cells += [f"{r['quantized'].get(m, float('nan')):.4f}" for m in metrics]
+        cells += [f"{r['seconds_total']:.0f}", f"{r['peak_rss_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--methods", nargs="+", default=["rtn", "adaround", "flexround"])
+    parser.add_argument("--bits", nargs="+", type=int, default=[4])
+    parser.add_argument("--out", default=None, help="directory for runs and the JSON summary")
+    args = parser.parse_args(argv)
+
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    out = args.out or os.path.join("benchmarks", "results", name)
+    os.makedirs(out, exist_ok=True)
+    rows = []
+    for bits in args.bits:
+        for method in args.methods:
+            rows.append(run_one(args.config, method, bits, os.path.join(out, f"{method}_w{bits}"), extra))
+    summary = {"config": args.config, "overrides": extra, "rows": rows}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    md = table(rows)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

