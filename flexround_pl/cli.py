@@ -6,6 +6,25 @@ how LightningCLI lets a subcommand be replaced). Everything else — YAML
 configs, ``--print_config``, dotted overrides such as
 ``--trainer.max_steps 500`` or ``--model.quant.weight.bits 3`` — is stock
 LightningCLI / jsonargparse.
+
+Subcommands and what they leave in the run directory (``trainer.default_root_dir``):
+
+* ``fit``: checks every input first (config keys and values, paths, hub
+  access, data, device, each quantizable layer's shape against the grid) and
+  on any problem prints one ``flexround_pl: error: ...`` line, exits 2 and
+  writes nothing. Then ``config.yaml``, ``resume/`` (one file per finished
+  block), ``quantized.safetensors`` (packed codes + FP remainder + metadata),
+  ``export/`` (plain-FP dequantized model; ``--export false`` skips it) and
+  ``results.json`` (``size_mb``: checkpoint vs FP state dict). Re-running the
+  same command on the same run directory resumes after the last finished
+  block (also after ``SIGKILL``); a changed configuration is refused (exit 2)
+  unless ``--fresh true``, which discards the old state and outputs.
+  A diverging block (NaN / inf loss) stops the run with exit 1, naming the
+  block, the iteration and the likely cause; finished blocks stay saved.
+* ``validate`` / ``test``: load ``quantized.safetensors`` of the run directory
+  (or ``--ckpt_path FILE``) into the config's model and print FP vs quantized
+  metrics on the data module's validation / test loader; the quantized metric
+  is the one ``fit`` reported (same config and device).
 """
 
 from __future__ import annotations
@@ -15,11 +34,15 @@ import sys
 from typing import Any, Optional
 
 from jsonargparse import ArgumentError
-from lightning.pytorch.cli import LightningCLI
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from flexround_pl import pipeline
 from flexround_pl.data.base import PTQDataModule
+from flexround_pl.export.checkpoint import CHECKPOINT_NAME, check_compatible, load_quantized_model, read_metadata
 from flexround_pl.ptq import PTQModel
+from flexround_pl.reconstruct.driver import DivergenceError
+from flexround_pl.reconstruct.resume import RunState, fingerprint
 
 
 class FlexRoundCLI(LightningCLI):
@@ -36,22 +59,91 @@ class FlexRoundCLI(LightningCLI):
             run=run,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would torch.load() --ckpt_path to read Lightning hyper-parameters; ours is a
+        # quantized safetensors checkpoint, read (and checked) by validate / test themselves.
+        return
+
+    def _set_seed(self) -> None:
+        with pipeline.quiet_lightning():  # no "Seed set to 0" line before every error message
+            super()._set_seed()
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # The CLI's own trainer only carries settings; block trainers are built per block.
         with pipeline.quiet_lightning():
             return super().instantiate_trainer(**kwargs)
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--fresh", type=bool, default=False,
+            help="fit: discard the resume state and outputs of the run directory and start over "
+            "(default: resume automatically when the run directory holds a state of the same configuration)",
+        )
+        parser.add_argument(
+            "--export", type=bool, default=True,
+            help="fit: also write <run dir>/export/, the dequantized model loadable without flexround_pl",
+        )
+
     def _trainer_settings(self) -> dict[str, Any]:
         return self.config[self.subcommand]["trainer"].as_dict()
 
-    def fit(self, model: PTQModel, datamodule: PTQDataModule, **_: Any) -> None:
+    def fit(self, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str] = None, **_: Any) -> None:
+        config = self.config[self.subcommand]
+        if ckpt_path:
+            raise ValueError(
+                "fit does not take --ckpt_path: re-running the same command on the same run directory resumes "
+                "automatically (--ckpt_path is for validate / test)"
+            )
         settings = pipeline.TrainerSettings(self._trainer_settings())
-        model.source.check()
+        pipeline.preflight(model, datamodule, settings)  # writes nothing
+        fp = fingerprint(config.as_dict())
+        state = RunState.open(settings.root, fp, fresh=bool(config.get("fresh")))  # refuses another config
         os.makedirs(settings.root, exist_ok=True)
-        self._parser(self.subcommand).save(
-            self.config[self.subcommand], os.path.join(settings.root, "config.yaml"), overwrite=True
+        saved = config.clone()
+        saved.fresh = False  # config.yaml re-runs (resumes) this run; it does not wipe it again
+        self._parser(self.subcommand).save(saved, os.path.join(settings.root, "config.yaml"), overwrite=True)
+        state.begin()
+        if state.resuming:
+            print(f"flexround_pl: resuming {settings.root}: {len(state.blocks)} block(s) already finished")
+        self.results = pipeline.run(
+            model, datamodule, settings, state=state, export=bool(config.get("export", True)), config=fp
         )
-        self.results = pipeline.run(model, datamodule, settings)
+
+    def validate(self, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str] = None, **_: Any) -> None:
+        self.results = self._evaluate_checkpoint("validate", model, datamodule, ckpt_path)
+
+    def test(self, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str] = None, **_: Any) -> None:
+        self.results = self._evaluate_checkpoint("test", model, datamodule, ckpt_path)
+
+    def _evaluate_checkpoint(
+        self, stage: str, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str]
+    ) -> dict[str, Any]:
+        """FP and quantized metrics of a saved checkpoint, with this config's model source and data."""
+        settings = pipeline.TrainerSettings(self._trainer_settings(), require_max_steps=False)
+        path = os.path.abspath(os.path.expanduser(ckpt_path or os.path.join(settings.root, CHECKPOINT_NAME)))
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"no quantized checkpoint at {path}: run fit with this config first, or pass --ckpt_path FILE"
+            )
+        # every weight comes from the checkpoint; the config's source gives the skeleton and tokenizer
+        fp = fingerprint(self.config[self.subcommand].as_dict())
+        compare = {k: v for k, v in fp.items() if k.startswith("model.quant")}
+        saved = read_metadata(path)
+        check_compatible(saved, compare, path)  # before loading anything
+        if saved.get("model") not in (None, model.source.describe()):
+            print(f"note: {path} was made from {saved['model']}; the config's model is {model.source.describe()}")
+        model.source.check()
+        settings.eval_trainer()
+        pipeline.prepare(model, datamodule)
+        fp_metrics: dict[str, float] = {}
+        if model.evaluate_fp:
+            fp_metrics = pipeline.evaluate(model, datamodule, settings, stage)
+        meta = load_quantized_model(model, path, compare)
+        q_metrics = pipeline.evaluate(model, datamodule, settings, stage)
+        if fp_metrics:
+            print(f"FP {stage} metrics: {pipeline._fmt(fp_metrics)}")
+        print(f"quantized {stage} metrics: {pipeline._fmt(q_metrics)}  ({path})")
+        return {"checkpoint": path, "fp": fp_metrics, "quantized": q_metrics, "metadata": meta}
 
 
 def main(args: Optional[list[str]] = None) -> int:
@@ -60,11 +152,26 @@ def main(args: Optional[list[str]] = None) -> int:
     except ArgumentError as err:
         print(f"flexround_pl: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         print(f"flexround_pl: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except DivergenceError as err:
+        print(f"flexround_pl: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
+    text = " ".join(str(err).split())
+    # jsonargparse reports a bad value of a class / Union-typed key as every
+    # alternative's failure plus a dump of the whole namespace: keep the real reasons.
+    head, sep, rest = text.partition("Does not validate against any of the Union subtypes")
+    if not sep or "Errors: - " not in rest:
+        return text
+    errors, _, given = rest.partition("Errors: - ")[2].partition(" Given value type:")
+    reasons = [e.strip() for e in errors.split(" - ") if e.strip() and "NoneType" not in e]
+    value = given.partition("Given value: ")[2].strip()
+    message = head.strip() + " " + "; ".join(reasons or ["invalid value"])
+    if value and len(value) <= 60 and all(r.startswith("Expected") for r in reasons):
+        message += f" (got {value})"
+    return message.strip()

@@ -2,13 +2,20 @@
 
 The CLI's ``fit`` subcommand calls :func:`run`. Everything a run writes goes
 under the trainer's ``default_root_dir``: ``config.yaml`` (saved by the CLI),
-``results.json`` and ``tensorboard/``.
+``results.json`` and ``tensorboard/``, plus (see :mod:`flexround_pl.export` and
+:mod:`flexround_pl.reconstruct.resume`) ``quantized.safetensors`` (the packed
+quantized checkpoint), ``export/`` (the plain-FP fake-quant export) and
+``resume/`` (per-block state: a re-run of the same command resumes there).
+
+:func:`preflight` checks every input that can be checked before any work and
+writes nothing; the CLI calls it before it creates the run directory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import tempfile
@@ -24,9 +31,17 @@ from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from flexround_pl.data.base import PTQDataModule
+from flexround_pl.export.checkpoint import (
+    CHECKPOINT_NAME,
+    quantized_weight_nbytes,
+    save_quantized,
+    state_dict_nbytes,
+)
+from flexround_pl.export.fake_quant import EXPORT_DIR, export_fake_quant
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.driver import quantize_blocks, quantize_outside_blocks
+from flexround_pl.reconstruct.module import calibrate_model_activations
 
 # Trainer arguments the driver owns for every per-block trainer.
 _BLOCK_TRAINER_FIXED = dict(
@@ -60,11 +75,11 @@ def quiet_lightning() -> Iterator[None]:
 class TrainerSettings:
     """The user's ``trainer:`` section, turned into fresh trainers on demand."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], require_max_steps: bool = True) -> None:
         self.settings = dict(settings)
-        self.root = os.path.abspath(self.settings.get("default_root_dir") or os.getcwd())
-        self.max_steps = int(self.settings.get("max_steps", -1))
-        if self.max_steps < 0:
+        self.root = os.path.abspath(os.path.expanduser(self.settings.get("default_root_dir") or os.getcwd()))
+        self.max_steps = int(self.settings.get("max_steps") if self.settings.get("max_steps") is not None else -1)
+        if self.max_steps < 0 and require_max_steps:
             raise ValueError(
                 "trainer.max_steps is not set: it is the number of reconstruction iterations per block "
                 "(e.g. --trainer.max_steps 500)"
@@ -106,13 +121,25 @@ class TrainerSettings:
         kw = {k: v for k, v in self.settings.items() if k in keep and v is not None}
         kw.update(logger=False, enable_checkpointing=False, enable_model_summary=False)
         with quiet_lightning():
-            return L.Trainer(**kw)
+            trainer = L.Trainer(**kw)
+            if trainer.world_size > 1:
+                # Data-parallel runs evaluate on one device per rank, every sample once: the
+                # DistributedSampler of a DDP evaluation would pad the eval set with duplicates.
+                # Every rank computes the same metrics (the driver is deterministic on every rank).
+                local = int(os.environ.get("LOCAL_RANK", trainer.local_rank))
+                kw.update(strategy="auto", num_nodes=1, devices=1 if trainer.accelerator.__class__.__name__ ==
+                          "CPUAccelerator" else [local])
+                trainer = L.Trainer(**kw)
+            return trainer
 
 
-def evaluate(model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings) -> dict[str, float]:
+def evaluate(
+    model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, stage: str = "validate"
+) -> dict[str, float]:
+    """Metrics of ``model`` on the data module's ``validate`` (eval split) or ``test`` loader."""
     trainer = settings.eval_trainer()
     with quiet_lightning():
-        trainer.validate(model, datamodule=datamodule, verbose=False)
+        getattr(trainer, stage)(model, datamodule=datamodule, verbose=False)
     return dict(model.last_metrics)
 
 
@@ -136,17 +163,98 @@ def prepare(model: PTQModel, datamodule: PTQDataModule) -> None:
     model.load(num_labels=datamodule.num_labels)
 
 
+def check_quantizable(net: torch.nn.Module, arch: Any, quant: Any) -> list[str]:
+    """Names of the layers the run will quantize; ``ValueError`` if the settings cannot fit them all.
+
+    Checks, before any training, every layer's shape against the grid
+    (``group_size`` must divide each layer's input size) and the ``keep_fp``
+    patterns; no quantizer is built.
+    """
+    import re
+
+    from flexround_pl.quant.surgery import wrapper_class
+
+    patterns = list(arch.keep_fp) + list(quant.keep_fp)
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"model.quant.keep_fp pattern {p!r} is not a valid regular expression: {e}") from None
+    keep = [re.compile(p) for p in patterns]
+    names, bad = [], []
+    for name, module in net.named_modules():
+        cls = wrapper_class(module)
+        if cls is None or any(p.search(name) for p in keep):
+            continue
+        names.append(name)
+        weight = module.weight
+        n_in = weight.shape[0] if cls.transposed else weight[0].numel()
+        if quant.weight.granularity == "group" and n_in % quant.weight.group_size:
+            bad.append((name, n_in))
+    if not names:
+        raise ValueError("no layer would be quantized: every Linear / Conv layer matches keep_fp")
+    if bad:
+        sizes = sorted({n for _, n in bad})
+        divisor = 0
+        for name in names:
+            m = net.get_submodule(name)
+            divisor = math.gcd(divisor, m.weight.shape[0] if wrapper_class(m).transposed else m.weight[0].numel())
+        raise ValueError(
+            f"model.quant.weight.group_size={quant.weight.group_size} does not divide the input size of "
+            f"{len(bad)} of {len(names)} layers (e.g. {bad[0][0]}: {bad[0][1]}; sizes {sizes[:5]}); "
+            f"use a divisor of {divisor}, granularity 'channel', or keep those layers FP (model.quant.keep_fp)"
+        )
+    return names
+
+
+def preflight(model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings) -> None:
+    """Check the inputs of a run up front (``ValueError`` with one clear message); writes nothing.
+
+    Loads the FP model and the data (kept for :func:`run`), builds the eval
+    trainer (device / precision errors), checks every quantizable layer's
+    shape and fetches one calibration batch.
+    """
+    root = settings.root
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"trainer.default_root_dir {root!r} is a file, not a directory")
+    parent = root
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"trainer.default_root_dir {root!r} cannot be written (no permission on {parent!r})")
+    model.source.check()
+    settings.eval_trainer()
+    prepare(model, datamodule)
+    assert model.net is not None and model.arch is not None
+    check_quantizable(model.net, model.arch, model.quant)
+    if next(iter(datamodule.calibration_dataloader()), None) is None:
+        raise ValueError("the calibration data is empty: set a positive number of calibration samples")
+    datamodule.val_dataloader()
+
+
 def run(
     model: PTQModel,
     datamodule: PTQDataModule,
     settings: TrainerSettings,
     log: Callable[[str], None] = print,
+    state: Optional[Any] = None,
+    export: bool = True,
+    config: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
-    """Quantize ``model`` on ``datamodule``'s calibration data; write and return the results."""
+    """Quantize ``model`` on ``datamodule``'s calibration data; write and return the results.
+
+    ``state``: a :class:`~flexround_pl.reconstruct.resume.RunState` (resume /
+    save finished blocks); ``export``: also write the plain-FP export;
+    ``config``: the run's configuration fingerprint, stored in the checkpoint.
+    """
     t0 = time.perf_counter()
-    model.source.check()
-    prepare(model, datamodule)
+    if not _rank_zero():  # DDP: every rank runs the same driver; only rank 0 reports (and writes)
+        log = _silent
+    if model.net is None:  # the CLI has already loaded everything in preflight()
+        model.source.check()
+        prepare(model, datamodule)
     assert model.net is not None and model.arch is not None
+    fp_nbytes = state_dict_nbytes(model.net)
     quant, recon = model.quant, model.reconstruction
     log(
         f"flexround_pl: {model.source.describe()} ({model.arch.name}), method={quant.method}, "
@@ -160,26 +268,51 @@ def run(
 
     device = settings.eval_trainer().strategy.root_device
     blocks = model.arch.blocks(model.net)
-    cache = CalibrationCache.capture(lambda inputs: model(inputs), blocks[0][1], datamodule.calibration_dataloader())
-    log(f"calibration cache: {len(cache)} samples, {cache.nbytes() / 2**20:.1f} MiB, {len(blocks)} blocks")
+    cache = CalibrationCache.capture(
+        lambda inputs: model(inputs), blocks[0][1], datamodule.calibration_dataloader(),
+        cache=recon.cache, cache_dir=_cache_dir(recon.cache_dir, settings.root),
+    )
+    where = f"on disk ({cache.storage.directory})" if cache.storage.on_disk else "in memory"
+    log(f"calibration cache: {len(cache)} samples, {cache.nbytes() / 2**20:.1f} MiB {where}, {len(blocks)} blocks")
 
     torch.manual_seed(recon.seed)
+    resumed = len(state.blocks) if state is not None else 0
     block_results = quantize_blocks(
-        model.net, model.arch, cache, quant, recon, settings.block_trainer, settings.max_steps, device, log
+        model.net, model.arch, cache, quant, recon, settings.block_trainer, settings.max_steps, device, log,
+        state=state,
     )
     outside = quantize_outside_blocks(model.net, model.arch, quant)
     if outside:
         log(f"round-to-nearest outside blocks: {', '.join(outside)}")
+    calibrate_model_activations(
+        model.net, model, datamodule.calibration_dataloader, quant.activation.init_samples
+    )  # activation quantizers outside blocks (e.g. a CNN's last layer input)
     n_calibration = len(cache)
     del cache
 
     q_metrics = evaluate(model, datamodule, settings)
     log(f"quantized metrics: {_fmt(q_metrics)}" + (f"  (FP {_fmt(fp_metrics)})" if fp_metrics else ""))
 
+    ckpt = os.path.join(settings.root, CHECKPOINT_NAME)
+    meta = {
+        "method": quant.method, "bits": quant.weight.bits, "granularity": quant.weight.granularity,
+        "group_size": quant.weight.group_size if quant.weight.granularity == "group" else None,
+        "symmetric": quant.weight.symmetric, "a_bits": getattr(getattr(quant, "activation", None), "bits", None),
+        "model": model.source.describe(), "architecture": model.arch.name,
+        "model_class": type(model.net).__name__, "quantized_metrics": q_metrics, "config": config or {},
+    }
+    ckpt_nbytes = save_quantized(model.net, ckpt, meta) if _rank_zero() else 0
+    log(f"quantized checkpoint: {ckpt} ({ckpt_nbytes / 2**20:.2f} MiB, FP {fp_nbytes / 2**20:.2f} MiB)")
+    if export and _rank_zero():
+        out = export_fake_quant(model.net, os.path.join(settings.root, EXPORT_DIR), model.source.load_tokenizer(),
+                                {k: meta[k] for k in ("method", "bits", "granularity", "model", "architecture")})
+        log(f"plain-FP export (dequantized weights): {out}")
+
     results = {
         "method": quant.method,
         "w_bits": quant.weight.bits,
-        "a_bits": None,
+        "a_bits": quant.activation.bits,
+        "qdrop_p": recon.effective_qdrop_p(quant.activation.bits is not None),
         "granularity": quant.weight.granularity,
         "group_size": quant.weight.group_size if quant.weight.granularity == "group" else None,
         "symmetric": quant.weight.symmetric,
@@ -194,12 +327,31 @@ def run(
         "quantized": q_metrics,
         "blocks": [asdict(b) for b in block_results],
         "outside_blocks_rtn": outside,
+        "size_mb": {"quantized": ckpt_nbytes / 2**20, "fp": fp_nbytes / 2**20},
+        "quantized_weights_mb": dict(zip(("packed", "fp"), (n / 2**20 for n in quantized_weight_nbytes(model.net)))),
+        "resumed_blocks": resumed,
         "seconds_total": time.perf_counter() - t0,
         "peak_rss_mb": peak_rss_mb(),
     }
-    write_json_atomic(os.path.join(settings.root, "results.json"), results)
+    if _rank_zero():
+        write_json_atomic(os.path.join(settings.root, "results.json"), results)
     log(f"results written to {os.path.join(settings.root, 'results.json')}")
     return results
+
+
+def _cache_dir(configured: Optional[str], root: str) -> str:
+    """The disk cache directory: ``reconstruction.cache_dir`` or ``<run dir>/cache`` (file names are unique per process)."""
+    return os.path.abspath(os.path.expanduser(configured)) if configured else os.path.join(root, "cache")
+
+
+def _silent(message: str) -> None:
+    return None
+
+
+def _rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -20,7 +20,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import lightning as L
 import torch
@@ -33,10 +33,61 @@ from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.callbacks import KeepBestParameters
 from flexround_pl.reconstruct.config import ReconstructionConfig
 from flexround_pl.reconstruct.data import BlockDataModule
-from flexround_pl.reconstruct.module import BlockReconstruction, block_loss
+from flexround_pl.reconstruct.module import BlockReconstruction, block_loss, calibrate_block_activations
+
+if TYPE_CHECKING:
+    from flexround_pl.reconstruct.resume import RunState
 
 #: ``make_trainer(tag, callbacks, val_check_interval)`` -> a new Trainer for one block.
 TrainerFactory = Callable[[str, list, Optional[int]], L.Trainer]
+
+
+class DivergenceError(RuntimeError):
+    """A block's reconstruction loss became NaN / inf (the CLI exits 1; finished blocks stay saved)."""
+
+
+def divergence_message(
+    index: int, total: int, name: str, step: int, value: float, precision: str, lr: float
+) -> str:
+    """``block 3/12 (name) diverged at iteration 17: ...`` with the likely cause (``index`` 0-based)."""
+    if "16" in precision and "bf16" not in precision:
+        cause = f"an fp16 overflow (trainer.precision={precision}): use bf16-mixed or 32-true"
+    elif step == 0:
+        cause = "non-finite block inputs or FP outputs (an overflow in the model itself?): use 32-true precision"
+    else:
+        cause = f"a learning rate too large for this block (reconstruction.lr={lr:g}): lower it, or use 32-true precision"
+    when = "before any training" if step == 0 else f"at iteration {step}"
+    return (
+        f"block {index + 1}/{total} ({name}) diverged {when}: the reconstruction loss is {value}. "
+        f"Likely cause: {cause}. "
+        "The blocks finished before it are saved in the run directory (resume/): re-running the same command "
+        "resumes at this block; after changing the configuration add --fresh true"
+    )
+
+
+class FiniteLossGuard(L.Callback):
+    """Stop a block's training with :class:`DivergenceError` at the first non-finite loss."""
+
+    def __init__(self, index: int, total: int, name: str, lr: float) -> None:
+        self.index, self.total, self.name, self.lr = index, total, name, lr
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            raise DivergenceError(
+                divergence_message(self.index, self.total, self.name, trainer.global_step,
+                                   float(loss.detach().float().sum()), str(trainer.precision), self.lr)
+            )
+
+
+def _check_finite(loss: float, index: int, total: int, name: str, step: int, lr: float) -> None:
+    if not math.isfinite(loss):
+        raise DivergenceError(divergence_message(index, total, name, step, loss, "", lr))
+
+
+def _shell_config(quant: QuantConfig) -> QuantConfig:
+    """Cheapest config that builds a block's wrappers for loading saved hardened state into them."""
+    return dataclasses.replace(quant, method="rtn", weight=dataclasses.replace(quant.weight, init="minmax"))
 
 
 @dataclass
@@ -68,33 +119,59 @@ def quantize_blocks(
     max_steps: int,
     device: torch.device,
     log: Callable[[str], None] = print,
+    state: Optional["RunState"] = None,
 ) -> list[BlockResult]:
-    """Quantize every block of ``model`` in place; returns one result per block."""
+    """Quantize every block of ``model`` in place; returns one result per block.
+
+    ``state``: the run's resume state; finished blocks are reloaded (and pushed
+    through the cache) instead of trained, and every newly finished block is
+    saved there. Every block starts by seeding all RNGs with
+    ``recon.seed + i``, so it trains the same whether or not earlier blocks
+    were resumed (bitwise on CPU; see :mod:`flexround_pl.reconstruct.resume` for GPUs).
+    Raises :class:`DivergenceError` at a non-finite loss.
+    """
     blocks = arch.blocks(model)
     keep_fp = tuple(arch.keep_fp) + tuple(quant.keep_fp)
     results = []
     for i, (name, block) in enumerate(blocks):
         start = time.perf_counter()
         tag = f"block_{i:02d}"
+        L.seed_everything(recon.seed + i, verbose=False)
 
         teacher = copy.deepcopy(block).eval().requires_grad_(False).to(device)
         cache.compute_targets(teacher, device, recon.eval_batch_size)
+        saved = state.finished(i, name) if state is not None else None
+        if saved is not None:  # finished by an earlier run: reload it, push the cache forward
+            quantize_modules(block, _shell_config(quant), keep_fp=keep_fp, eight_bit=arch.eight_bit, prefix=name)
+            state.load_block(i, block)
+            block.to(device)
+            cache.advance(block, device, recon.eval_batch_size)
+            block.cpu()
+            del teacher
+            results.append(BlockResult(**{f.name: saved.get(f.name) for f in dataclasses.fields(BlockResult)}))
+            log(f"block {i + 1}/{len(blocks)} {name}: finished by an earlier run, reloaded")
+            continue
         swapped = quantize_modules(block, quant, keep_fp=keep_fp, eight_bit=arch.eight_bit, prefix=name)
         block.to(device)
+        calibrate_block_activations(block, cache, device, recon.eval_batch_size, quant.activation.init_samples)
         dm = BlockDataModule(cache, recon.batch_size, recon.eval_batch_size, recon.seed + i)
         loss_start = _hard_loss(block, dm, device)
+        _check_finite(loss_start, i, len(blocks), name, 0, recon.lr)
 
         best_step, steps = 0, 0
         if learnable_parameters(block) and max_steps > 0:
-            module = BlockReconstruction(teacher, block, recon.lr, tag=tag)
+            module = BlockReconstruction(
+                teacher, block, recon.lr, tag=tag, act_lr=quant.activation.lr,
+                qdrop_p=recon.effective_qdrop_p(quant.activation.bits is not None),
+            )
             keep = KeepBestParameters(f"{tag}/val_loss", loss_start)
             interval = math.ceil(max_steps / recon.evaluations) if recon.evaluations else None
-            trainer = make_trainer(tag, [keep], interval)
+            trainer = make_trainer(tag, [keep, FiniteLossGuard(i, len(blocks), name, recon.lr)], interval)
             trainer.fit(module, datamodule=dm)
             steps = trainer.global_step
             block.to(device)
             last = _hard_loss(block, dm, device)
-            if keep.best < last:
+            if not math.isfinite(last) or keep.best < last:
                 keep.restore(module)
                 best_step = keep.best_step
             else:
@@ -103,12 +180,15 @@ def quantize_blocks(
         set_hard(block, True)
         harden_modules(block)
         loss_end = block_loss(block, dm.val_dataloader(), device)
+        _check_finite(loss_end, i, len(blocks), name, steps, recon.lr)
         cache.advance(block, device, recon.eval_batch_size)
         block.cpu()
         del teacher
 
         result = BlockResult(name, loss_start, loss_end, time.perf_counter() - start, steps, best_step, len(swapped))
         results.append(result)
+        if state is not None:
+            state.save_block(i, name, block, dataclasses.asdict(result))
         log(
             f"block {i + 1}/{len(blocks)} {name}: {len(swapped)} layers, loss {loss_start:.4g} -> "
             f"{loss_end:.4g} ({result.seconds:.1f} s)"

@@ -1,0 +1,229 @@
+"""Per-block run state: a killed or failed ``fit`` resumes at the block it was in.
+
+After every block the driver saves, under ``<run dir>/resume/``:
+
+* ``block_NNN.safetensors``: the hardened block's state dict (packed codes,
+  scales, zero points, activation step sizes, the block's FP tensors), in the
+  quantized-checkpoint format of :mod:`flexround_pl.export.checkpoint`;
+* ``state.json``: the configuration fingerprint and, per finished block, its
+  name, file and :class:`~flexround_pl.reconstruct.driver.BlockResult`.
+
+Both are written atomically (temporary file + ``os.replace``), block file
+first, so a ``SIGKILL`` at any moment leaves either the previous consistent
+state or the new one; a block killed midway is simply redone.
+
+Resuming is automatic: ``fit`` with a run directory holding a state of the
+*same* configuration skips the finished blocks; ``--fresh true`` discards the
+state (and the run's old outputs) and starts over. A state written with a
+different configuration is refused (:class:`ResumeError`, naming the changed
+entries). The fingerprint covers what changes the codes: ``seed_everything``,
+the whole ``model`` section except ``evaluate_fp``, the whole ``data`` section
+except ``num_workers``, and the trainer settings listed in
+:data:`RESULT_TRAINER_KEYS` (``max_steps``, ``precision``, the device ...);
+display and logging settings (progress bar, loggers, ``default_root_dir``)
+do not count.
+
+The calibration cache is not stored: on resume it is captured again and pushed
+through the finished blocks exactly as the first run did (the FP teacher fills
+the targets, the reloaded hardened block moves the quantized inputs forward),
+two forward passes per finished block and bit-identical tensors on the same
+device. Each block also re-seeds every RNG with ``reconstruction.seed + i`` at
+its start, so a resumed block trains exactly as in an uninterrupted run: on CPU
+the final codes are bitwise identical. On GPU, forward passes and training are
+reproducible only as far as the kernels are (cuBLAS / cuDNN may pick
+non-deterministic algorithms; set ``trainer.deterministic: true`` for
+deterministic ones, at some speed cost), so a resumed GPU run may differ from an
+uninterrupted one in a few codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Optional
+
+from torch import nn
+
+from flexround_pl.export.checkpoint import CheckpointError, read_quantized, save_quantized
+
+STATE_DIR = "resume"
+STATE_FILE = "state.json"
+STATE_FORMAT = 1
+
+#: Trainer settings that change the codes a block ends with.
+RESULT_TRAINER_KEYS = (
+    "max_steps", "precision", "accelerator", "devices", "strategy", "num_nodes",
+    "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
+    "deterministic", "limit_train_batches",
+)
+#: Entries of the model / data sections that do not change the codes.
+IGNORED_KEYS = ("model.evaluate_fp", "data.init_args.num_workers", "data.num_workers")
+
+
+class ResumeError(ValueError):
+    """The run directory holds a state that cannot be resumed with this configuration (CLI: exit 2)."""
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def flatten(tree: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"prefix.a.b": 1}`` (lists stay values)."""
+    if isinstance(tree, dict) and tree:
+        for k, v in tree.items():
+            flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    else:
+        out[prefix] = _plain(tree)
+    return out
+
+
+def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
+    """The flattened configuration entries that change a run's codes (see the module docstring)."""
+    out: dict[str, Any] = {"seed_everything": _plain(config.get("seed_everything"))}
+    flatten(config.get("model") or {}, "model", out)
+    flatten(config.get("data") or {}, "data", out)
+    trainer = config.get("trainer") or {}
+    for key in RESULT_TRAINER_KEYS:
+        out[f"trainer.{key}"] = _plain(trainer.get(key))
+    for key in IGNORED_KEYS:
+        out.pop(key, None)
+    return out
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    parts = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"and {len(keys) - limit} more")
+    return "; ".join(parts)
+
+
+def _is_rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunState:
+    """The resume state of one run directory.
+
+    Build it with :meth:`open` (reads only, refuses an incompatible state), call
+    :meth:`begin` once the run really starts (``fresh`` discards old state and
+    outputs there), then :meth:`finished` / :meth:`load_block` /
+    :meth:`save_block` per block.
+    """
+
+    def __init__(self, root: str, config: dict[str, Any], fresh: bool = False) -> None:
+        self.root = os.path.abspath(root)
+        self.dir = os.path.join(self.root, STATE_DIR)
+        self.config = config
+        self.fresh = fresh
+        self.blocks: dict[int, dict[str, Any]] = {}
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.dir, STATE_FILE)
+
+    @classmethod
+    def open(cls, root: str, config: dict[str, Any], fresh: bool = False) -> "RunState":
+        """Read the state under ``root`` (if any) and check it was made with ``config``."""
+        state = cls(root, config, fresh)
+        if fresh or not os.path.exists(state.state_path):
+            return state
+        try:
+            with open(state.state_path) as f:
+                saved = json.load(f)
+            saved_config, blocks = saved["config"], saved["blocks"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ResumeError(
+                f"cannot read the resume state {state.state_path} ({type(e).__name__}: {e}); "
+                "pass --fresh true to discard it and start over"
+            ) from None
+        if saved_config != config:
+            raise ResumeError(
+                f"{state.root} holds a run with another configuration ({describe_changes(saved_config, config)}); "
+                "re-run with the same configuration to resume it, pass --fresh true to discard it, "
+                "or choose another trainer.default_root_dir"
+            )
+        state.blocks = {int(k): v for k, v in blocks.items()}
+        return state
+
+    @property
+    def resuming(self) -> bool:
+        return bool(self.blocks)
+
+    def begin(self) -> None:
+        """Start the run: with ``fresh``, discard the old state and outputs of this run directory."""
+        if not self.fresh or not _is_rank_zero():
+            return
+        from flexround_pl.export.checkpoint import CHECKPOINT_NAME
+        from flexround_pl.export.fake_quant import EXPORT_DIR
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(os.path.join(self.root, EXPORT_DIR), ignore_errors=True)
+        for name in (CHECKPOINT_NAME, "results.json"):
+            path = os.path.join(self.root, name)
+            if os.path.exists(path):
+                os.remove(path)
+        self.blocks = {}
+
+    # -- blocks ------------------------------------------------------------------
+
+    def finished(self, index: int, name: str) -> Optional[dict[str, Any]]:
+        """The saved result of block ``index`` if it is finished, else ``None``."""
+        entry = self.blocks.get(index)
+        if entry is None:
+            return None
+        if entry.get("name") != name:
+            raise ResumeError(
+                f"the resume state's block {index} is {entry.get('name')!r} but the model's is {name!r}; "
+                "pass --fresh true to start over"
+            )
+        return dict(entry["result"])
+
+    def load_block(self, index: int, block: nn.Module) -> None:
+        """Load finished block ``index`` into ``block`` (its layers swapped, not hardened: loading hardens them)."""
+        path = os.path.join(self.dir, self.blocks[index]["file"])
+        try:
+            _, state = read_quantized(path)
+            missing, unexpected = block.load_state_dict(state, strict=False)
+        except (CheckpointError, RuntimeError) as e:
+            raise ResumeError(
+                f"cannot resume block {index} from {path}: {' '.join(str(e).split())}; pass --fresh true to start over"
+            ) from None
+        if missing or unexpected:
+            raise ResumeError(
+                f"{path} does not fit block {index} (missing {sorted(missing)[:3]}, unexpected "
+                f"{sorted(unexpected)[:3]}); pass --fresh true to start over"
+            )
+
+    def save_block(self, index: int, name: str, block: nn.Module, result: dict[str, Any]) -> None:
+        """Save hardened block ``index`` and record it as finished (atomic; rank 0 only)."""
+        self.blocks[index] = {"name": name, "file": f"block_{index:03d}.safetensors", "result": _plain(result)}
+        if not _is_rank_zero():
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        save_quantized(block, os.path.join(self.dir, self.blocks[index]["file"]), {"block": name, "index": index})
+        _write_json_atomic(
+            self.state_path,
+            {
+                "format": STATE_FORMAT,
+                "config": self.config,
+                "blocks": {str(k): v for k, v in sorted(self.blocks.items())},
+            },
+        )
+
+
+__all__ = ["RESULT_TRAINER_KEYS", "ResumeError", "RunState", "describe_changes", "fingerprint", "flatten"]

@@ -1,0 +1,207 @@
+"""Per-block resume: SIGKILL mid-run then re-run, refusal of a changed config, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from flexround_pl.cli import main
+from flexround_pl.export.checkpoint import read_quantized
+from flexround_pl.reconstruct.driver import divergence_message
+from flexround_pl.reconstruct.resume import describe_changes, fingerprint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 20
+
+SLOW_STEPS = '''
+import time
+import lightning as L
+
+
+class SlowSteps(L.Callback):
+    """Sleeps after every step so that a test can kill the run in the middle of a block."""
+
+    def __init__(self, seconds: float = 0.05) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        time.sleep(self.seconds)
+'''
+
+
+def _config(tmp_path, model_dir: str, **trainer) -> str:
+    from test_cli_bert import write_config
+
+    path = write_config(tmp_path, model_dir)
+    config = yaml.safe_load(open(path))
+    config["trainer"].update(max_steps=STEPS, **trainer)
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return path
+
+
+def _codes(run) -> dict[str, torch.Tensor]:
+    return read_quantized(str(run / "quantized.safetensors"))[1]
+
+
+def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_bert_dir):
+    """An uninterrupted run (in process): config path and run directory."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = _config(tmp, tiny_bert_dir)
+    assert main(["fit", "--config", cfg]) == 0
+    return cfg, tmp / "run"
+
+
+def _env(extra_path: str) -> dict[str, str]:
+    threads = str(torch.get_num_threads())  # the same intra-op threads as the in-process reference
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join([REPO, extra_path] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def test_sigkill_mid_block_then_rerun_resumes_and_gives_bitwise_identical_codes(
+    tmp_path, tiny_bert_dir, reference, monkeypatch, capfd
+):
+    """``python -m flexround_pl fit`` killed in block 1, then the same command again (in process, to save
+    an interpreter start): block 0 is reloaded, block 1 redone, the codes equal an uninterrupted run's."""
+    (tmp_path / "slow_steps.py").write_text(SLOW_STEPS)
+    cfg = _config(tmp_path, tiny_bert_dir, callbacks=[{"class_path": "slow_steps.SlowSteps",
+                                                       "init_args": {"seconds": 0.05}}])
+    run = tmp_path / "run"
+    state_file = run / "resume" / "state.json"
+    cmd = [sys.executable, "-m", "flexround_pl", "fit", "--config", cfg]
+    env = _env(str(tmp_path))
+
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not state_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("the first block never finished:\n" + (tmp_path / "first.log").read_text()[-3000:])
+            time.sleep(0.02)
+        time.sleep(0.3)  # now inside block 1, which sleeps >= 1 s in training alone
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = json.loads(state_file.read_text())
+    assert list(state["blocks"]) == ["0"], "the kill did not land in the middle of block 1"
+    assert not (run / "quantized.safetensors").exists() and not (run / "results.json").exists()
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    capfd.readouterr()
+    assert main(cmd[3:]) == 0
+    out = capfd.readouterr().out
+    assert "resuming" in out and "block 1/2 bert.encoder.layer.0: finished by an earlier run, reloaded" in out
+    results = json.loads((run / "results.json").read_text())
+    ref_results = json.loads((reference[1] / "results.json").read_text())
+    assert results["resumed_blocks"] == 1
+    assert results["quantized"] == ref_results["quantized"]
+    assert [b["loss_end"] for b in results["blocks"]] == [b["loss_end"] for b in ref_results["blocks"]]
+    _assert_bitwise_equal(_codes(run), _codes(reference[1]))
+
+
+def test_resume_with_another_config_is_refused_and_fresh_starts_over(tmp_path, reference, capfd):
+    cfg, ref_run = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_run, run)
+    config_before = (run / "config.yaml").read_text()
+    results_before = (run / "results.json").read_text()
+    capfd.readouterr()
+
+    args = ["fit", "--config", cfg, "--trainer.default_root_dir", str(run)]
+    assert main(args + ["--model.quant.weight.bits", "4"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("flexround_pl: error:") and "another configuration" in err
+    assert "model.quant.weight.bits: 3 -> 4" in err and "--fresh true" in err
+    assert (run / "config.yaml").read_text() == config_before  # nothing overwritten
+    assert (run / "results.json").read_text() == results_before
+
+    assert main(args + ["--trainer.max_steps", "3"]) == 2  # max_steps counts too
+    assert f"trainer.max_steps: {STEPS} -> 3" in capfd.readouterr().err
+
+    assert main(args + ["--model.quant.weight.bits", "4", "--trainer.max_steps", "3", "--fresh", "true"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["w_bits"] == 4 and results["resumed_blocks"] == 0
+    state = json.loads((run / "resume" / "state.json").read_text())
+    assert state["config"]["model.quant.weight.bits"] == 4 and sorted(state["blocks"]) == ["0", "1"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["quant"]["weight"]["bits"] == 4 and saved["fresh"] is False  # re-running it resumes
+
+
+def test_nan_loss_stops_the_block_keeps_finished_blocks_and_resumes(tmp_path, reference, monkeypatch, capfd):
+    from flexround_pl.reconstruct.module import BlockReconstruction
+
+    cfg, ref_run = reference
+    run = tmp_path / "run"
+    args = ["fit", "--config", cfg, "--trainer.default_root_dir", str(run)]
+    original = BlockReconstruction.training_step
+
+    def diverging(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if self.tag == "block_01" and self.global_step >= 6 else loss
+
+    monkeypatch.setattr(BlockReconstruction, "training_step", diverging)
+    capfd.readouterr()
+    assert main(args) == 1
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("flexround_pl: error: block 2/2 (bert.encoder.layer.1) diverged at iteration 7")
+    assert "loss is nan" in err and "Likely cause" in err
+    state = json.loads((run / "resume" / "state.json").read_text())
+    assert list(state["blocks"]) == ["0"] and (run / "resume" / "block_000.safetensors").exists()
+    assert not (run / "quantized.safetensors").exists()
+
+    monkeypatch.setattr(BlockReconstruction, "training_step", original)
+    # display settings are not part of the configuration fingerprint
+    assert main(args + ["--trainer.log_every_n_steps", "7"]) == 0
+    assert json.loads((run / "results.json").read_text())["resumed_blocks"] == 1
+    _assert_bitwise_equal(_codes(run), _codes(ref_run))
+
+
+def test_divergence_message_names_the_likely_cause():
+    fp16 = divergence_message(3, 32, "model.layers.3", 120, float("inf"), "16-mixed", 1e-3)
+    assert "block 4/32 (model.layers.3) diverged at iteration 120" in fp16 and "bf16-mixed or 32-true" in fp16
+    lr = divergence_message(0, 5, "layer1.0", 5, float("nan"), "32-true", 0.5)
+    assert "reconstruction.lr=0.5" in lr
+
+
+def test_fingerprint_ignores_display_settings_only():
+    base = {
+        "seed_everything": 0,
+        "trainer": {"max_steps": 10, "precision": "32-true", "enable_progress_bar": False,
+                    "default_root_dir": "a", "log_every_n_steps": 5, "logger": True},
+        "model": {"quant": {"weight": {"bits": 4}}, "evaluate_fp": True},
+        "data": {"class_path": "x", "init_args": {"num_calibration": 8, "num_workers": 0}},
+    }
+    fp = fingerprint(base)
+    display = json.loads(json.dumps(base))
+    display["trainer"].update(enable_progress_bar=True, default_root_dir="b", log_every_n_steps=1, logger=False)
+    display["model"]["evaluate_fp"] = False
+    display["data"]["init_args"]["num_workers"] = 4
+    assert fingerprint(display) == fp
+    for path, value in ((("trainer", "precision"), "bf16-mixed"), (("model", "quant", "weight", "bits"), 3),
+                        (("data", "init_args", "num_calibration"), 16), (("seed_everything",), 1)):
+        changed = json.loads(json.dumps(base))
+        node = changed
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        assert fingerprint(changed) != fp, path
+        assert ".".join(path) in describe_changes(fp, fingerprint(changed))
