@@ -41,6 +41,26 @@ from .config import FlexRoundConfig, GridConfig
 from .grid import UniformGrid
 
 
+class _RoundClampSTE(torch.autograd.Function):
+    """``clamp(round(x) + zp, qmin, qmax)`` in one node: the same values and gradients as
+    ``clamp_codes(round_ste(x) + zp, qmin, qmax)`` (bit for bit: ``torch.clamp`` equals the
+    nested ``where`` of :func:`clamp_codes`, and the gradient is ``grad`` on the closed range,
+    ``+0`` outside), with one saved boolean mask instead of two ``where`` nodes and their
+    comparisons, forward and backward. ``zp`` is a buffer (no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, zp: Tensor, qmin: int, qmax: int) -> Tensor:  # type: ignore[override]
+        r = torch.round(x).add_(zp)  # the caller checks that zp broadcasts to x's shape
+        ctx.save_for_backward((r >= qmin) & (r <= qmax))
+        return r.clamp_(qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad, 0.0), None, None, None
+
+
 class FlexRoundQuantizer(WeightQuantizer):
     """``W_hat = s1 * (clamp(round_ste(W / (s1*S2*s3[*s4])) + zp, qmin, qmax) - zp)``."""
 
@@ -73,4 +93,8 @@ class FlexRoundQuantizer(WeightQuantizer):
     def integers(self, weight: Tensor, hard: bool) -> Tensor:
         v = self.grid.group_view(weight.float())
         divisor = torch.exp(self.log_step()) * self.grid.group_view(torch.exp(self.log_divisor_rest()))
-        return clamp_codes(round_ste(v / divisor) + self.grid.zero_point, self.qmin, self.qmax)
+        x = v / divisor
+        zp = self.grid.zero_point
+        if zp.dim() <= x.dim() and torch.broadcast_shapes(x.shape, zp.shape) == x.shape:
+            return _RoundClampSTE.apply(x, zp, self.qmin, self.qmax)
+        return clamp_codes(round_ste(x) + zp, self.qmin, self.qmax)

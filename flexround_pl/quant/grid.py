@@ -129,19 +129,37 @@ class UniformGrid(nn.Module):
         if self.cfg.init == "minmax" or self.cfg.lp_candidates == 1:
             return best_log, best_zp
         p, n = self.cfg.lp_norm, self.cfg.lp_candidates
-        best_err = self._lp_error(v, best_log, best_zp, p, dims)
+        scratch = torch.empty_like(v)  # one buffer for every candidate: no per-op allocation
+        best_err = self._lp_error(v, best_log, best_zp, p, dims, scratch)
         for alpha in torch.linspace(1.0 / n, 1.0, n).flip(0)[1:].tolist():
             log_step, zp = self._step_and_zero(lo * alpha, hi * alpha)
-            err = self._lp_error(v, log_step, zp, p, dims)
+            err = self._lp_error(v, log_step, zp, p, dims, scratch)
             better = err < best_err  # ties keep the wider range
             best_err = torch.where(better, err, best_err)
             best_log = torch.where(better, log_step, best_log)
             best_zp = torch.where(better, zp, best_zp)
         return best_log, best_zp
 
-    def _lp_error(self, v: Tensor, log_step: Tensor, zp: Tensor, p: float, dims) -> Tensor:
-        err = fake_quant(v, torch.exp(log_step), zp, self.qmin, self.qmax) - v
-        return err.abs().pow(p).sum(dim=dims, keepdim=True)
+    def _lp_error(self, v: Tensor, log_step: Tensor, zp: Tensor, p: float, dims, out: Tensor | None = None) -> Tensor:
+        """``sum |fake_quant(v) - v|^p`` over ``dims``.
+
+        The same element-wise operations as :func:`fake_quant` (so bitwise the
+        same error), done in place in ``out`` (a scratch buffer shaped like
+        ``v``): the search is bound by memory traffic and ``pow``, and fresh
+        tensors per operation roughly doubled its cost. A symmetric grid's zero
+        point is exactly 0: adding / subtracting it only turns ``-0.0`` into
+        ``+0.0``, which ``abs`` erases, so it is skipped.
+        """
+        step = torch.exp(log_step)
+        buf = torch.div(v, step, out=out) if out is not None else v / step
+        buf.round_()
+        if not self.cfg.symmetric:
+            buf.add_(zp)
+        buf.clamp_(self.qmin, self.qmax)
+        if not self.cfg.symmetric:
+            buf.sub_(zp)
+        buf.mul_(step).sub_(v).abs_().pow_(p)
+        return buf.sum(dim=dims, keepdim=True)
 
     def extra_repr(self) -> str:
         c = self.cfg

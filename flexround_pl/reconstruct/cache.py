@@ -18,15 +18,119 @@ position embeddings, ...). Those *extras* are captured from the real model call
 and kept as-is: a tensor whose first dimension is the capture batch size is
 stored per sample, anything else (``None``, flags, tensors shared across the
 batch such as ``position_ids`` of shape ``[1, T]``) is stored once.
+
+Storage (:class:`CacheStorage`, ``reconstruction.cache``): the per-sample
+tensors live in RAM (``memory``) or in memory-mapped files (``disk``, under
+``reconstruction.cache_dir``, by default ``<run dir>/cache``), read page by
+page as batches index them. ``auto`` picks ``disk`` when the estimated cache
+(FP inputs + quantized inputs + fp32 targets + per-sample extras) exceeds
+:data:`AUTO_DISK_FRACTION` of the available memory (``MemAvailable``, capped
+by a cgroup v2 limit). Both hold the very same values: results are
+identical. A disk file is unlinked as soon as it is mapped (no stale files
+after a crash; the space is freed with the tensor). The capture itself still
+gathers the first block's inputs in RAM once before they are written out.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
+
+# ---- storage --------------------------------------------------------------------
+
+#: ``auto`` stores the cache on disk when its estimate exceeds this fraction of the available memory.
+AUTO_DISK_FRACTION = 0.5
+CACHE_MODES = ("memory", "disk", "auto")
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory this process can still use: ``MemAvailable``, capped by a cgroup limit; None if unknown."""
+    avail: Optional[int] = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            room = max(0, int(limit) - used)
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+class CacheStorage:
+    """Allocates the cache's per-sample tensors: in RAM, or memory-mapped files in ``directory``."""
+
+    def __init__(self, directory: Optional[str] = None) -> None:
+        self.directory = None if directory is None else os.path.abspath(os.path.expanduser(directory))
+
+    @property
+    def on_disk(self) -> bool:
+        return self.directory is not None
+
+    @classmethod
+    def choose(cls, mode: str, directory: Optional[str], estimated_nbytes: int) -> "CacheStorage":
+        """``memory`` / ``disk`` as asked; ``auto``: disk iff the estimate > AUTO_DISK_FRACTION x available memory."""
+        if mode not in CACHE_MODES:
+            raise ValueError(f"reconstruction.cache must be one of {CACHE_MODES}, got {mode!r}")
+        if mode == "auto":
+            avail = available_memory()
+            mode = "disk" if avail is not None and estimated_nbytes > AUTO_DISK_FRACTION * avail else "memory"
+        if mode == "memory":
+            return cls(None)
+        if directory is None:
+            raise ValueError("a disk cache needs reconstruction.cache_dir")
+        return cls(directory)
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """An uninitialized tensor (RAM, or a fresh memory-mapped file)."""
+        numel = math.prod(shape)
+        if self.directory is None or numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        os.makedirs(self.directory, exist_ok=True)
+        fd, path = tempfile.mkstemp(dir=self.directory, suffix=".bin")  # unique across ranks / runs
+        try:
+            os.ftruncate(fd, numel * torch.empty((), dtype=dtype).element_size())
+            t = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+        finally:
+            os.close(fd)
+            os.unlink(path)  # the mapping keeps the data; the space is freed with the tensor
+        return t.view(shape)
+
+    def put(self, t: Tensor) -> Tensor:
+        """``t`` (CPU) in this storage (unchanged in RAM mode)."""
+        if self.directory is None:
+            return t
+        out = self.empty(tuple(t.shape), t.dtype)
+        out.copy_(t)
+        return out
+
+    def cat(self, parts: list[Tensor]) -> Tensor:
+        """``torch.cat(parts)`` written straight into this storage."""
+        if self.directory is None:
+            return torch.cat(parts)
+        out = self.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), parts[0].dtype)
+        start = 0
+        for p in parts:
+            out[start:start + p.shape[0]].copy_(p)
+            start += p.shape[0]
+        return out
+
 
 # ---- pytrees of call arguments ------------------------------------------------
 
@@ -131,7 +235,9 @@ class CalibrationCache:
         template: tuple[tuple, dict],
         extras: list[Tensor],
         loss_mask: Optional[Tensor] = None,
+        storage: Optional[CacheStorage] = None,
     ) -> None:
+        self.storage = storage or CacheStorage()
         self.fp_inputs = fp_inputs
         self.q_inputs = fp_inputs  # the first block sees the same (FP) input
         self.targets: Optional[Tensor] = None
@@ -151,12 +257,15 @@ class CalibrationCache:
         run_model: Callable[[dict[str, Tensor]], Any],
         first_block: nn.Module,
         batches: Iterable[dict[str, Tensor]],
+        cache: str = "memory",
+        cache_dir: Optional[str] = None,
     ) -> "CalibrationCache":
         """Record what ``first_block`` receives while ``run_model`` runs each batch.
 
         ``run_model(inputs)`` calls the whole model; a forward pre-hook on the
         first block records its arguments and stops the forward pass there. The
         hook is always removed, so the model is left exactly as it was.
+        ``cache`` / ``cache_dir``: where the tensors live (see :class:`CacheStorage`).
         """
         records: list[tuple[tuple, dict]] = []
         masks: list[Optional[Tensor]] = []
@@ -180,10 +289,13 @@ class CalibrationCache:
             handle.remove()
         if not records:
             raise ValueError("the calibration data is empty: set a positive number of calibration samples")
-        return cls._from_records(records, masks)
+        return cls._from_records(records, masks, cache, cache_dir)
 
     @classmethod
-    def _from_records(cls, records: list[tuple[tuple, dict]], masks: list[Optional[Tensor]]) -> "CalibrationCache":
+    def _from_records(
+        cls, records: list[tuple[tuple, dict]], masks: list[Optional[Tensor]], cache: str = "memory",
+        cache_dir: Optional[str] = None,
+    ) -> "CalibrationCache":
         hidden, skeletons, leaves = [], [], []
         for args, kwargs in records:
             if args:
@@ -202,16 +314,22 @@ class CalibrationCache:
             )
         sizes = [h.shape[0] for h in hidden]
         columns = [_Column.build(k, [flat[k] for flat in leaves], sizes) for k in range(len(leaves[0]))]
-        extras = [c.stacked for c in columns if c.per_sample]
+        hidden_nbytes = sum(h.numel() * h.element_size() for h in hidden)
+        extras_nbytes = sum(c.stacked.numel() * c.stacked.element_size() for c in columns if c.per_sample)
+        # steady state: FP inputs + quantized inputs + fp32 targets, plus the per-sample extras
+        estimate = 2 * hidden_nbytes + sum(h.numel() for h in hidden) * 4 + extras_nbytes
+        storage = CacheStorage.choose(cache, cache_dir, estimate)
+        extras = [storage.put(c.stacked) for c in columns if c.per_sample]
         keys = iter(range(len(extras)))
         template = _map(skeletons[0], lambda slot: _PerSample(next(keys)) if columns[slot.k].per_sample else columns[slot.k].value)
-        fp_inputs = torch.cat(hidden)
+        fp_inputs = storage.cat(hidden)
+        del hidden
         loss_mask = None
         if all(m is not None for m in masks):
             mask = torch.cat([m.cpu() for m in masks]).bool()
             if mask.shape == fp_inputs.shape[:2]:
-                loss_mask = mask
-        return cls(fp_inputs, template, extras, loss_mask)
+                loss_mask = storage.put(mask)
+        return cls(fp_inputs, template, extras, loss_mask, storage)
 
     # -- batches -------------------------------------------------------------
 
@@ -242,14 +360,17 @@ class CalibrationCache:
 
     @torch.no_grad()
     def apply(self, block: nn.Module, inputs: Tensor, device: torch.device, batch_size: int) -> Tensor:
-        """``block`` applied to every row of ``inputs``; result on CPU."""
-        outs = []
+        """``block`` applied to every row of ``inputs``; result (float32) on CPU, in the cache's storage."""
+        result: Optional[Tensor] = None
         for start in range(0, len(self), batch_size):
             index = torch.arange(start, min(start + batch_size, len(self)))
             args, kwargs = to_device(self.call_args(index), device)
-            out = block_output(block(inputs[index].to(device), *args, **kwargs))
-            outs.append(out.detach().float().cpu())
-        return torch.cat(outs)
+            out = block_output(block(inputs[index].to(device), *args, **kwargs)).detach()
+            if result is None:
+                result = self.storage.empty((len(self), *out.shape[1:]), torch.float32)
+            result[start:start + out.shape[0]].copy_(out)  # = out.float().cpu(), written in place
+        assert result is not None
+        return result
 
     def compute_targets(self, teacher: nn.Module, device: torch.device, batch_size: int) -> None:
         """FP outputs of the current block: the reconstruction targets."""

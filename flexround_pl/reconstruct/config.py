@@ -7,7 +7,7 @@ everything else about one block's optimization lives here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass
@@ -34,6 +34,13 @@ class ReconstructionConfig:
     evaluation never drop. ``None`` (default): 0.5 when activations are
     quantized (``quant.activation.bits``), else 1 (plain quantized-input
     reconstruction, as weight-only FlexRound).
+    ``cache``: where the calibration cache (block inputs / targets of every
+    sample) lives: ``memory`` (RAM), ``disk`` (memory-mapped files in
+    ``cache_dir``) or ``auto`` (default: disk when the estimated cache exceeds
+    half of the available memory, see
+    :mod:`flexround_pl.reconstruct.cache`). Results are identical either way.
+    ``cache_dir``: directory of the disk cache; default ``<run dir>/cache``
+    (the files are unlinked as soon as they are mapped).
     """
 
     lr: float = 1e-3
@@ -42,6 +49,8 @@ class ReconstructionConfig:
     evaluations: int = 4
     seed: int = 0
     qdrop_p: Optional[float] = None
+    cache: Literal["memory", "disk", "auto"] = "auto"
+    cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -53,6 +62,8 @@ class ReconstructionConfig:
             raise ValueError(f"reconstruction.evaluations must be >= 0, got {self.evaluations}")
         if self.qdrop_p is not None and not 0.0 <= self.qdrop_p <= 1.0:
             raise ValueError(f"reconstruction.qdrop_p must be in [0, 1], got {self.qdrop_p}")
+        if self.cache not in ("memory", "disk", "auto"):
+            raise ValueError(f"reconstruction.cache must be 'memory', 'disk' or 'auto', got {self.cache!r}")
 
     def effective_qdrop_p(self, activations_quantized: bool) -> float:
         """``qdrop_p``, or its default: 0.5 with activation quantization, 1 without."""

@@ -122,7 +122,9 @@ class BlockReconstruction(L.LightningModule):
             loss = reconstruction_loss(self(batch), batch["targets"], batch.get("loss_mask"))
         finally:
             set_hard(self.student, False)
-        self.log(f"{self.tag}/val_loss", loss, batch_size=batch["q_inputs"].shape[0])
+        # under DDP each rank validates its shard: average the ranks' means (equal shard sizes)
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        self.log(f"{self.tag}/val_loss", loss, batch_size=batch["q_inputs"].shape[0], sync_dist=distributed)
 
     def configure_optimizers(self) -> Any:
         groups = [{"params": self.weight_params, "lr": self.lr}]
