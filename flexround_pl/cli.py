@@ -43,6 +43,7 @@ from flexround_pl.export.checkpoint import CHECKPOINT_NAME, check_compatible, lo
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.driver import DivergenceError
 from flexround_pl.reconstruct.resume import RunState, fingerprint
+from flexround_pl.utils import is_rank_zero
 
 
 class FlexRoundCLI(LightningCLI):
@@ -101,7 +102,8 @@ class FlexRoundCLI(LightningCLI):
         os.makedirs(settings.root, exist_ok=True)
         saved = config.clone()
         saved.fresh = False  # config.yaml re-runs (resumes) this run; it does not wipe it again
-        self._parser(self.subcommand).save(saved, os.path.join(settings.root, "config.yaml"), overwrite=True)
+        if is_rank_zero():
+            self._parser(self.subcommand).save(saved, os.path.join(settings.root, "config.yaml"), overwrite=True)
         state.begin()
         if state.resuming:
             print(f"flexround_pl: resuming {settings.root}: {len(state.blocks)} block(s) already finished")

@@ -13,12 +13,10 @@ writes nothing; the CLI calls it before it creates the run directory.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import resource
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -39,6 +37,7 @@ from flexround_pl.export.checkpoint import (
 )
 from flexround_pl.export.fake_quant import EXPORT_DIR, export_fake_quant
 from flexround_pl.ptq import PTQModel
+from flexround_pl.utils import is_rank_zero, write_json_atomic
 from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.driver import quantize_blocks, quantize_outside_blocks
 from flexround_pl.reconstruct.module import calibrate_model_activations
@@ -147,15 +146,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def prepare(model: PTQModel, datamodule: PTQDataModule) -> None:
     """Give the data its tokenizer, set it up, and load the FP network."""
     datamodule.set_tokenizer(model.source.load_tokenizer())
@@ -248,7 +238,7 @@ def run(
     ``config``: the run's configuration fingerprint, stored in the checkpoint.
     """
     t0 = time.perf_counter()
-    if not _rank_zero():  # DDP: every rank runs the same driver; only rank 0 reports (and writes)
+    if not is_rank_zero():  # DDP: every rank runs the same driver; only rank 0 reports (and writes)
         log = _silent
     if model.net is None:  # the CLI has already loaded everything in preflight()
         model.source.check()
@@ -301,9 +291,9 @@ def run(
         "model": model.source.describe(), "architecture": model.arch.name,
         "model_class": type(model.net).__name__, "quantized_metrics": q_metrics, "config": config or {},
     }
-    ckpt_nbytes = save_quantized(model.net, ckpt, meta) if _rank_zero() else 0
+    ckpt_nbytes = save_quantized(model.net, ckpt, meta) if is_rank_zero() else 0
     log(f"quantized checkpoint: {ckpt} ({ckpt_nbytes / 2**20:.2f} MiB, FP {fp_nbytes / 2**20:.2f} MiB)")
-    if export and _rank_zero():
+    if export and is_rank_zero():
         out = export_fake_quant(model.net, os.path.join(settings.root, EXPORT_DIR), model.source.load_tokenizer(),
                                 {k: meta[k] for k in ("method", "bits", "granularity", "model", "architecture")})
         log(f"plain-FP export (dequantized weights): {out}")
@@ -333,7 +323,7 @@ def run(
         "seconds_total": time.perf_counter() - t0,
         "peak_rss_mb": peak_rss_mb(),
     }
-    if _rank_zero():
+    if is_rank_zero():
         write_json_atomic(os.path.join(settings.root, "results.json"), results)
     log(f"results written to {os.path.join(settings.root, 'results.json')}")
     return results
@@ -346,12 +336,6 @@ def _cache_dir(configured: Optional[str], root: str) -> str:
 
 def _silent(message: str) -> None:
     return None
-
-
-def _rank_zero() -> bool:
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -142,7 +142,7 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         fold_conv_bn_(model.get_submodule(conv_name), bn)
         _set_submodule(model, bn_name, nn.Identity())
         folds[conv_name] = (bn_name, float(bn.eps))
-    object.__setattr__(model, FOLDS_ATTR, folds)
+    setattr(model, FOLDS_ATTR, folds)
     return pairs
 
 
@@ -171,7 +171,7 @@ def prepare_resnet(model: nn.Module) -> nn.Module:
         raise ValueError("the ResNet stem's BatchNorm (bn1) could not be folded into conv1")
     model.conv1 = ResNetStem(model.conv1, model.relu, model.maxpool)
     model.relu, model.maxpool = nn.Identity(), nn.Identity()
-    object.__setattr__(model, RENAMES_ATTR, {"conv1.conv": "conv1"})
+    setattr(model, RENAMES_ATTR, {"conv1.conv": "conv1"})
     return model.eval()
 
 
@@ -287,10 +287,3 @@ def count_quantizable(module: nn.Module) -> int:
     from flexround_pl.quant.layers import QuantizedLayer
 
     return sum(isinstance(m, (nn.Conv2d, nn.Linear, QuantizedLayer)) for m in module.modules())
-
-
-def describe_blocks(model: nn.Module, arch: Architecture) -> list[dict[str, Any]]:
-    """Name, class and quantizable-layer count of every block (for logs and tests)."""
-    return [
-        {"name": n, "type": type(b).__name__, "layers": count_quantizable(b)} for n, b in arch.blocks(model)
-    ]

@@ -46,6 +46,7 @@ from typing import Any, Optional
 from torch import nn
 
 from flexround_pl.export.checkpoint import CheckpointError, read_quantized, save_quantized
+from flexround_pl.utils import is_rank_zero, write_json_atomic
 
 STATE_DIR = "resume"
 STATE_FILE = "state.json"
@@ -58,7 +59,14 @@ RESULT_TRAINER_KEYS = (
     "deterministic", "limit_train_batches",
 )
 #: Entries of the model / data sections that do not change the codes.
-IGNORED_KEYS = ("model.evaluate_fp", "data.init_args.num_workers", "data.num_workers")
+IGNORED_KEYS = (
+    "model.evaluate_fp",
+    "data.init_args.num_workers",
+    "data.num_workers",
+    # Where the calibration cache lives changes nothing in the results (tests/test_disk_cache.py).
+    "model.reconstruction.cache",
+    "model.reconstruction.cache_dir",
+)
 
 
 class ResumeError(ValueError):
@@ -98,22 +106,6 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -
     if len(keys) > limit:
         parts.append(f"and {len(keys) - limit} more")
     return "; ".join(parts)
-
-
-def _is_rank_zero() -> bool:
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
-
-
-def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RunState:
@@ -166,7 +158,7 @@ class RunState:
 
     def begin(self) -> None:
         """Start the run: with ``fresh``, discard the old state and outputs of this run directory."""
-        if not self.fresh or not _is_rank_zero():
+        if not self.fresh or not is_rank_zero():
             return
         from flexround_pl.export.checkpoint import CHECKPOINT_NAME
         from flexround_pl.export.fake_quant import EXPORT_DIR
@@ -212,11 +204,11 @@ class RunState:
     def save_block(self, index: int, name: str, block: nn.Module, result: dict[str, Any]) -> None:
         """Save hardened block ``index`` and record it as finished (atomic; rank 0 only)."""
         self.blocks[index] = {"name": name, "file": f"block_{index:03d}.safetensors", "result": _plain(result)}
-        if not _is_rank_zero():
+        if not is_rank_zero():
             return
         os.makedirs(self.dir, exist_ok=True)
         save_quantized(block, os.path.join(self.dir, self.blocks[index]["file"]), {"block": name, "index": index})
-        _write_json_atomic(
+        write_json_atomic(
             self.state_path,
             {
                 "format": STATE_FORMAT,
