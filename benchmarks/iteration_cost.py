@@ -48,7 +48,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flexround_pl.quant.config import GridConfig, QuantConfig  # noqa: E402
-from flexround_pl.quant.surgery import learnable_parameters, quantize_modules, total_regularization  # noqa: E402
+from flexround_pl.quant.surgery import quantize_modules, total_regularization  # noqa: E402
 from flexround_pl.reconstruct.cache import CalibrationCache, block_output, to_device  # noqa: E402
 from flexround_pl.reconstruct.data import BlockDataModule  # noqa: E402
 from flexround_pl.reconstruct.module import BlockReconstruction, reconstruction_loss  # noqa: E402

@@ -39,7 +39,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from flexround_pl import pipeline
 from flexround_pl.data.base import PTQDataModule
-from flexround_pl.export.checkpoint import CHECKPOINT_NAME, check_compatible, load_quantized_model, read_metadata
+from flexround_pl.export.checkpoint import (
+    CHECKPOINT_NAME,
+    check_compatible,
+    load_quantized_model,
+    read_metadata,
+)
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.driver import DivergenceError
 from flexround_pl.reconstruct.resume import RunState, fingerprint

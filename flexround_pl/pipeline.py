@@ -37,10 +37,10 @@ from flexround_pl.export.checkpoint import (
 )
 from flexround_pl.export.fake_quant import EXPORT_DIR, export_fake_quant
 from flexround_pl.ptq import PTQModel
-from flexround_pl.utils import is_rank_zero, write_json_atomic
 from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.driver import quantize_blocks, quantize_outside_blocks
 from flexround_pl.reconstruct.module import calibrate_model_activations
+from flexround_pl.utils import is_rank_zero, write_json_atomic
 
 # Trainer arguments the driver owns for every per-block trainer.
 _BLOCK_TRAINER_FIXED = dict(

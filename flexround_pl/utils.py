@@ -1,11 +1,12 @@
-"""Two small helpers every stage that writes files needs."""
+"""Small helpers shared across the pipeline stages."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 
 def is_rank_zero() -> bool:
@@ -31,3 +32,16 @@ def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' expected warnings (new classifier heads, long texts tokenized whole)."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)

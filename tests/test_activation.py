@@ -20,14 +20,6 @@ from flexround_pl.quant import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded CPU two OpenMP threads make small ops 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _calibrated(x: torch.Tensor, bits=4, **cfg) -> ActivationQuantizer:
     q = ActivationQuantizer(bits, ActivationConfig(bits=bits, **cfg))

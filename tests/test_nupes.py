@@ -22,14 +22,6 @@ from flexround_pl.quant.rtn import RoundToNearest
 MODES = [("data_free", "additive"), ("data_driven", "additive"), ("data_driven", "flexround")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded CPU two OpenMP threads make small ops 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _laplace(shape, seed=0, scale=0.05):
     g = torch.Generator().manual_seed(seed)

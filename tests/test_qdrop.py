@@ -23,14 +23,6 @@ from flexround_pl.reconstruct.config import ReconstructionConfig
 from flexround_pl.reconstruct.module import BlockReconstruction, block_loss, reconstruction_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded CPU two OpenMP threads make small ops 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class Block(nn.Module):
     def __init__(self, d=16):

@@ -26,9 +26,8 @@ Sources:
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -36,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from flexround_pl.data.base import PTQDataModule
 from flexround_pl.evaluate.metrics import PerplexityMetrics
+from flexround_pl.utils import quiet_transformers
 
 Source = Literal["wikitext2", "ptb", "text_files", "wiki_summaries"]
 SOURCES = ("wikitext2", "ptb", "text_files", "wiki_summaries")
@@ -73,18 +73,6 @@ def _even_batches(n: int, batch_size: int) -> list[list[int]]:
         batches[-2].extend(batches.pop())
     return batches
 
-
-@contextlib.contextmanager
-def _quiet_tokenizer() -> Iterator[None]:
-    """Hide 'Token indices sequence length is longer than the maximum': whole texts are tokenized on purpose."""
-    from transformers.utils import logging as hf_logging
-
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(old)
 
 
 class LanguageModelingData(PTQDataModule):
@@ -206,7 +194,7 @@ class LanguageModelingData(PTQDataModule):
     # ------------------------------------------------------------------ windows
 
     def _tokenize(self, text: str) -> Tensor:
-        with _quiet_tokenizer():
+        with quiet_transformers():
             ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
 

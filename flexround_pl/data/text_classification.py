@@ -26,7 +26,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from flexround_pl.data.base import PTQDataModule
-from flexround_pl.data.offline import WIKI_CALIBRATION_SIZE, load_wiki_summaries, wiki_split, wiki_topics
+from flexround_pl.data.offline import (
+    WIKI_CALIBRATION_SIZE,
+    load_wiki_summaries,
+    wiki_split,
+    wiki_topics,
+)
 from flexround_pl.evaluate.metrics import GLUE_TASKS, ClassificationMetrics
 
 Source = Literal["wiki_topics", "glue", "files"]

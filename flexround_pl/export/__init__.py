@@ -9,7 +9,11 @@ from flexround_pl.export.checkpoint import (
     save_quantized,
     state_dict_nbytes,
 )
-from flexround_pl.export.fake_quant import EXPORT_DIR, dequantized_state_dict, export_fake_quant
+from flexround_pl.export.fake_quant import (
+    EXPORT_DIR,
+    dequantized_state_dict,
+    export_fake_quant,
+)
 from flexround_pl.export.packing import pack, pack_codes, unpack, unpack_codes
 
 __all__ = [

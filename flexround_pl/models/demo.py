@@ -26,6 +26,7 @@ from torch import nn
 
 from flexround_pl.data.offline import minilm_dir, wiki_summaries_path
 from flexround_pl.models.sources import ModelSource
+from flexround_pl.utils import quiet_transformers
 
 NUM_TOPICS = 11
 INFO_FILE = "demo_info.json"
@@ -48,18 +49,6 @@ def _threads(n: Optional[int]) -> Iterator[None]:
     finally:
         torch.set_num_threads(old)
 
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide the 'classifier weights newly initialized' report: expected here."""
-    from transformers.utils import logging as hf_logging
-
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(old)
 
 
 class DemoTopicClassifier(ModelSource):
@@ -173,7 +162,7 @@ class DemoTopicClassifier(ModelSource):
         names = data.label_names
         with _threads(self.num_threads):
             torch.manual_seed(self.seed)
-            with _quiet_transformers():
+            with quiet_transformers():
                 model = transformers.BertForSequenceClassification.from_pretrained(
                     minilm_dir(),
                     num_labels=len(names),

@@ -379,7 +379,12 @@ class FashionMNISTResNet18(ModelSource):
         return info
 
     def _train(self, log: Any) -> tuple[nn.Module, float]:
-        from flexround_pl.data.images import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_pixel_values
+        from flexround_pl.data.images import (
+            FASHION_MNIST_MEAN,
+            FASHION_MNIST_STD,
+            load_fashion_mnist,
+            to_pixel_values,
+        )
 
         images, labels = load_fashion_mnist("train", self.data_dir)
         g = torch.Generator().manual_seed(self.seed)
@@ -425,7 +430,11 @@ def evaluate_accuracy(model: nn.Module, data_dir: Optional[str] = None, image_si
                       batch_size: int = 500) -> float:
     """Top-1 accuracy of a 1-channel Fashion-MNIST model on the 10k test images."""
     from flexround_pl.data.images import (
-        FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_pixel_values,
+        FASHION_MNIST_DIR,
+        FASHION_MNIST_MEAN,
+        FASHION_MNIST_STD,
+        load_fashion_mnist,
+        to_pixel_values,
     )
 
     images, labels = load_fashion_mnist("test", data_dir or FASHION_MNIST_DIR)

@@ -20,8 +20,8 @@ from .config import (
 )
 from .flexround import FlexRoundQuantizer
 from .grid import UniformGrid, group_view, ungroup
-from .nupes import NUPESQuantizer
 from .layers import QuantConv1D, QuantConv2d, QuantizedLayer, QuantLinear
+from .nupes import NUPESQuantizer
 from .rtn import RoundToNearest
 from .surgery import (
     harden_modules,

@@ -28,12 +28,21 @@ from torch import nn
 
 from flexround_pl.models.adapter import Architecture
 from flexround_pl.quant.config import QuantConfig
-from flexround_pl.quant.surgery import harden_modules, learnable_parameters, quantize_modules, set_hard
+from flexround_pl.quant.surgery import (
+    harden_modules,
+    learnable_parameters,
+    quantize_modules,
+    set_hard,
+)
 from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.callbacks import KeepBestParameters
 from flexround_pl.reconstruct.config import ReconstructionConfig
 from flexround_pl.reconstruct.data import BlockDataModule
-from flexround_pl.reconstruct.module import BlockReconstruction, block_loss, calibrate_block_activations
+from flexround_pl.reconstruct.module import (
+    BlockReconstruction,
+    block_loss,
+    calibrate_block_activations,
+)
 
 if TYPE_CHECKING:
     from flexround_pl.reconstruct.resume import RunState

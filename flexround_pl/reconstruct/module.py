@@ -23,8 +23,16 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from flexround_pl.quant.activation import activation_parameters, calibrate_activations, qdrop
-from flexround_pl.quant.surgery import learnable_parameters, set_hard, total_regularization
+from flexround_pl.quant.activation import (
+    activation_parameters,
+    calibrate_activations,
+    qdrop,
+)
+from flexround_pl.quant.surgery import (
+    learnable_parameters,
+    set_hard,
+    total_regularization,
+)
 from flexround_pl.reconstruct.cache import CalibrationCache, block_output, to_device
 
 

@@ -45,7 +45,11 @@ from typing import Any, Optional
 
 from torch import nn
 
-from flexround_pl.export.checkpoint import CheckpointError, read_quantized, save_quantized
+from flexround_pl.export.checkpoint import (
+    CheckpointError,
+    read_quantized,
+    save_quantized,
+)
 from flexround_pl.utils import is_rank_zero, write_json_atomic
 
 STATE_DIR = "resume"
