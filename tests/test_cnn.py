@@ -385,3 +385,21 @@ def test_fashion_mnist_config_runs(tmp_path):
     assert results["quantized"]["top1"] > 0.7
     assert len(results["blocks"]) == 9
     assert all(b["loss_end"] <= b["loss_start"] for b in results["blocks"])
+
+
+@pytest.mark.parametrize("eight_bit, fc_bits", [(None, 8), ([], 4)])
+def test_eight_bit_rule_is_configurable(eight_bit, fc_bits):
+    """The CNN last layer is 8-bit by default (paper convention); ``quant.eight_bit: []`` turns that off."""
+    import torchvision
+
+    from flexround_pl.models import find_architecture
+    from flexround_pl.quant.config import GridConfig, QuantConfig
+    from flexround_pl.reconstruct.driver import quantize_outside_blocks
+
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    arch = find_architecture(model)
+    model = arch.prepare(model)
+    quant = QuantConfig(method="rtn", weight=GridConfig(bits=4, init="minmax"), eight_bit=eight_bit)
+    swapped = quantize_outside_blocks(model, arch, quant)
+    assert "fc" in swapped
+    assert model.fc.grid_cfg.bits == fc_bits

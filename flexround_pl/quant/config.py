@@ -9,7 +9,7 @@ run switches method with the single key ``method``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 Method = Literal["rtn", "flexround", "adaround", "nupes"]
 Granularity = Literal["tensor", "channel", "group"]
@@ -177,6 +177,9 @@ class QuantConfig:
     ``keep_fp``: regular expressions on module names (``model.named_modules()``)
     of layers that stay in floating point, matched with ``re.search``.
     Adapters add their family's defaults (classifier, ``lm_head``, embeddings).
+    ``eight_bit``: regexes of layers quantized at 8 bits whatever ``weight.bits``;
+    ``None`` keeps the architecture's default (the CNN first / last layer, as in
+    BRECQ, QDrop and FlexRound), ``[]`` quantizes every layer at ``weight.bits``.
     ``activation``: input quantization of the quantized layers (off by default).
     ``nupes``: settings of ``method: nupes`` (power-function weight grid).
     """
@@ -188,6 +191,10 @@ class QuantConfig:
     nupes: NUPESConfig = field(default_factory=NUPESConfig)
     activation: ActivationConfig = field(default_factory=ActivationConfig)
     keep_fp: list[str] = field(default_factory=list)
+    eight_bit: Optional[list[str]] = None
+
+    def eight_bit_patterns(self, architecture_default: Sequence[str]) -> tuple[str, ...]:
+        return tuple(architecture_default) if self.eight_bit is None else tuple(self.eight_bit)
 
     def __post_init__(self) -> None:
         if self.method not in ("rtn", "flexround", "adaround", "nupes"):

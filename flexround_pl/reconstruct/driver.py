@@ -151,7 +151,7 @@ def quantize_blocks(
         cache.compute_targets(teacher, device, recon.eval_batch_size)
         saved = state.finished(i, name) if state is not None else None
         if saved is not None:  # finished by an earlier run: reload it, push the cache forward
-            quantize_modules(block, _shell_config(quant), keep_fp=keep_fp, eight_bit=arch.eight_bit, prefix=name)
+            quantize_modules(block, _shell_config(quant), keep_fp=keep_fp, eight_bit=quant.eight_bit_patterns(arch.eight_bit), prefix=name)
             state.load_block(i, block)
             block.to(device)
             cache.advance(block, device, recon.eval_batch_size)
@@ -160,7 +160,7 @@ def quantize_blocks(
             results.append(BlockResult(**{f.name: saved.get(f.name) for f in dataclasses.fields(BlockResult)}))
             log(f"block {i + 1}/{len(blocks)} {name}: finished by an earlier run, reloaded")
             continue
-        swapped = quantize_modules(block, quant, keep_fp=keep_fp, eight_bit=arch.eight_bit, prefix=name)
+        swapped = quantize_modules(block, quant, keep_fp=keep_fp, eight_bit=quant.eight_bit_patterns(arch.eight_bit), prefix=name)
         block.to(device)
         calibrate_block_activations(block, cache, device, recon.eval_batch_size, quant.activation.init_samples)
         dm = BlockDataModule(cache, recon.batch_size, recon.eval_batch_size, recon.seed + i)
@@ -213,6 +213,6 @@ def quantize_outside_blocks(model: nn.Module, arch: Architecture, quant: QuantCo
     """
     keep_fp = tuple(arch.keep_fp) + tuple(quant.keep_fp)
     rtn = dataclasses.replace(quant, method="rtn")
-    swapped = quantize_modules(model, rtn, keep_fp=keep_fp, eight_bit=arch.eight_bit)
+    swapped = quantize_modules(model, rtn, keep_fp=keep_fp, eight_bit=quant.eight_bit_patterns(arch.eight_bit))
     harden_modules(model)
     return swapped
