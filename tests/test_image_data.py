@@ -85,6 +85,7 @@ def test_fashion_mnist_errors(tmp_path, fake_fmnist):
         FashionMNISTData(data_dir=fake_fmnist, num_calibration=65).setup()
 
 
+@pytest.mark.slow  # needs: apt-get install dataset-fashion-mnist
 def test_debian_fashion_mnist_files():
     images, labels = load_fashion_mnist("test")
     assert images.shape == (10000, 28, 28) and images.dtype == torch.uint8
