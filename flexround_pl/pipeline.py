@@ -237,7 +237,7 @@ def run(
     save finished blocks); ``export``: also write the plain-FP export;
     ``config``: the run's configuration fingerprint, stored in the checkpoint.
     """
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if not is_rank_zero():  # DDP: every rank runs the same driver; only rank 0 reports (and writes)
         log = _silent
     if model.net is None:  # the CLI has already loaded everything in preflight()
@@ -321,6 +321,7 @@ def run(
         "quantized_weights_mb": dict(zip(("packed", "fp"), (n / 2**20 for n in quantized_weight_nbytes(model.net)))),
         "resumed_blocks": resumed,
         "seconds_total": time.perf_counter() - t0,
+        "cpu_seconds_total": time.process_time() - cpu0,  # all threads; wall time on a busy machine misleads
         "peak_rss_mb": peak_rss_mb(),
     }
     if is_rank_zero():
