@@ -157,6 +157,6 @@ def test_glue_load_failure_is_one_line(monkeypatch):
         raise ConnectionError("Couldn't reach 'glue' on the Hub (LocalEntryNotFoundError)\nmore details")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match=r"could not load GLUE task 'rte' \(offline\?") as info:
+    with pytest.raises(ValueError, match=r"could not load GLUE task 'rte' \(offline\?") as info:
         TextClassificationData(source="glue", glue_task="rte").label_names
     assert "\n" not in str(info.value)

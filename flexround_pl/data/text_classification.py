@@ -193,7 +193,7 @@ class TextClassificationData(PTQDataModule):
             ds = datasets.load_dataset("glue", task.name)
         except Exception as e:  # network / hub errors come in many types
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise RuntimeError(
+            raise ValueError(
                 f"could not load GLUE task {task.name!r} (offline? needs the Hugging Face hub): "
                 f"{type(e).__name__}: {msg}"
             ) from None
