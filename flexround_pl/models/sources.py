@@ -8,10 +8,14 @@ Each source is a small class jsonargparse can build from YAML
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any, Literal, Optional
 
 from torch import nn
+
+from flexround_pl.utils import default_cache_root
 
 
 class ModelSource:
@@ -28,6 +32,33 @@ class ModelSource:
 
     def check(self) -> None:
         """Validate cheaply (paths exist, ...) before any work; raise ``ValueError``."""
+
+
+class TrainedHereSource(ModelSource):
+    """A model trained here once, cached under a fingerprint of its training settings.
+
+    Subclasses set ``cache_name`` (folder under the cache root) and
+    ``marker_file`` (written last, so its presence means the cache is complete)
+    and implement ``settings()``; a change of settings is a new cache entry.
+    """
+
+    cache_name = ""
+    marker_file = ""
+    cache_dir: Optional[str] = None
+
+    def settings(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.settings(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def cache_path(self) -> str:
+        root = os.path.expanduser(self.cache_dir) if self.cache_dir else default_cache_root()
+        return os.path.join(root, self.cache_name, self.fingerprint())
+
+    def is_cached(self) -> bool:
+        return os.path.isfile(os.path.join(self.cache_path(), self.marker_file))
 
 
 def _offline() -> bool:

@@ -25,41 +25,24 @@ Importing this module registers the CNN adapters (:mod:`flexround_pl.models.cnn`
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import os
 import tempfile
 import time
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
 
 from flexround_pl.models import cnn  # noqa: F401  (registers the ResNet / MobileNetV2 adapters)
-from flexround_pl.models.sources import ModelSource
+from flexround_pl.models.sources import ModelSource, TrainedHereSource
+from flexround_pl.utils import torch_threads
 
 Arch = Literal["resnet18", "resnet50", "mobilenet_v2"]
 ARCHS = ("resnet18", "resnet50", "mobilenet_v2")
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 RANDOM = "random"
-
-
-def default_cache_root() -> str:
-    """``$FLEXROUND_PL_CACHE`` or ``~/.cache/flexround_pl``."""
-    return os.path.expanduser(os.environ.get("FLEXROUND_PL_CACHE") or "~/.cache/flexround_pl")
-
-
-@contextlib.contextmanager
-def _threads(n: Optional[int]) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 # ----------------------------------------------------------------------------- building
@@ -241,7 +224,7 @@ FMNIST_RECIPE_VERSION = 1
 MODEL_FILE, INFO_FILE = "model.pt", "info.json"
 
 
-class FashionMNISTResNet18(ModelSource):
+class FashionMNISTResNet18(TrainedHereSource):
     """Torchvision ResNet-18 (1-channel ``conv1``, 10 classes) trained once on Fashion-MNIST, cached.
 
     Training: SGD (momentum 0.9, nesterov, weight decay 5e-4), linear warm-up
@@ -265,6 +248,9 @@ class FashionMNISTResNet18(ModelSource):
     Integer-valued settings have no ``None`` form on purpose: a saved
     ``config.yaml`` drops ``null`` values, which would reload as the defaults.
     """
+
+    cache_name = "fashion_mnist_resnet18"
+    marker_file = MODEL_FILE
 
     def __init__(
         self,
@@ -323,16 +309,8 @@ class FashionMNISTResNet18(ModelSource):
             "seed": self.seed,
         }
 
-    def fingerprint(self) -> str:
-        blob = json.dumps(self.settings(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
-    def cache_path(self) -> str:
-        root = os.path.expanduser(self.cache_dir) if self.cache_dir else default_cache_root()
-        return os.path.join(root, "fashion_mnist_resnet18", self.fingerprint())
 
-    def is_cached(self) -> bool:
-        return os.path.isfile(os.path.join(self.cache_path(), MODEL_FILE))
 
     def info(self) -> Optional[dict[str, Any]]:
         """The training report (test accuracy, seconds) of the cached model, if any."""
@@ -367,7 +345,7 @@ class FashionMNISTResNet18(ModelSource):
         path = self.cache_path()
         os.makedirs(path, exist_ok=True)
         log(f"training the Fashion-MNIST ResNet-18 once (cached in {path}) ...")
-        with _threads(self.num_threads):
+        with torch_threads(self.num_threads):
             model, seconds = self._train(log)
             accuracy = evaluate_accuracy(model, self.data_dir, self.image_size)
         info = {"test_accuracy": accuracy, "train_seconds": seconds, "settings": self.settings(),
