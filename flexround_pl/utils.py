@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Iterator, Optional
 
@@ -64,3 +65,34 @@ def torch_threads(n: Optional[int]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def atomic_cache_dir(final: str, marker: str) -> Iterator[str]:
+    """Yield a temporary directory beside ``final``; when the block ends, rename it to ``final``.
+
+    Readers never see half a cache entry. ``marker`` is the file written last:
+    if another process renamed its complete entry into place first, that one
+    wins and this one is dropped silently.
+    """
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        _share(tmp)
+        os.replace(tmp, final)
+    except OSError:
+        if not os.path.isfile(os.path.join(final, marker)):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _share(directory: str) -> None:
+    """Give the directory (``mkdtemp`` makes it 0700) and its files the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o666 & ~umask)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from importlib import metadata
 from typing import Any, Optional
@@ -24,7 +22,7 @@ from torch import nn
 
 from flexround_pl.data.offline import minilm_dir, wiki_summaries_path
 from flexround_pl.models.sources import TrainedHereSource
-from flexround_pl.utils import quiet_transformers, torch_threads
+from flexround_pl.utils import atomic_cache_dir, quiet_transformers, torch_threads
 
 NUM_TOPICS = 11
 INFO_FILE = "demo_info.json"
@@ -191,21 +189,11 @@ class DemoTopicClassifier(TrainedHereSource):
 
     def _save(self, model: nn.Module, tokenizer: Any, info: dict[str, Any]) -> None:
         """Write to a temp dir beside the target, then rename: readers never see half a checkpoint."""
-        final = self.cache_path()
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=os.path.dirname(final))
-        try:
+        with atomic_cache_dir(self.cache_path(), INFO_FILE) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, INFO_FILE), "w") as f:
                 json.dump(info, f, indent=2)
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any model dir
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.isfile(os.path.join(final, INFO_FILE)):  # not just a concurrent winner
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @torch.no_grad()

@@ -25,8 +25,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -35,7 +33,7 @@ from torch import nn
 
 from flexround_pl.models import llama as _llama  # noqa: F401  (SmolLM2 is a LlamaForCausalLM)
 from flexround_pl.models.sources import ModelSource
-from flexround_pl.utils import default_cache_root
+from flexround_pl.utils import atomic_cache_dir, default_cache_root
 
 INFO_FILE = "gguf_info.json"
 #: Bump when the conversion recipe changes (invalidates every cached conversion).
@@ -117,10 +115,7 @@ def convert_gguf(path: str, gguf_file: str, root: Optional[str] = None, log: Any
     fresh.tie_weights()
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
 
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
-    try:
+    with atomic_cache_dir(final, INFO_FILE) as tmp:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         info = {
@@ -134,24 +129,8 @@ def convert_gguf(path: str, gguf_file: str, root: Optional[str] = None, log: Any
         }
         with open(os.path.join(tmp, INFO_FILE), "w") as f:
             json.dump(info, f, indent=2)
-        _share(tmp)
-        os.replace(tmp, final)
-    except OSError:
-        if not os.path.isfile(os.path.join(final, INFO_FILE)):  # not just a concurrent winner
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"[gguf] converted in {time.perf_counter() - start:.0f} s")
     return final
-
-
-def _share(directory: str) -> None:
-    """Give the temp dir (mkdtemp makes it 0700) and its files the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for name in os.listdir(directory):
-        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 
 def load_gguf_causal_lm(path: str, gguf_file: str, root: Optional[str] = None) -> nn.Module:
