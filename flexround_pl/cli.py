@@ -144,7 +144,7 @@ class FlexRoundCLI(LightningCLI):
         pipeline.prepare(model, datamodule)
         fp_metrics: dict[str, float] = {}
         if model.evaluate_fp:
-            fp_metrics = pipeline.evaluate(model, datamodule, settings, stage)
+            fp_metrics = pipeline.evaluate(model, datamodule, settings, stage, reference=True)
         meta = load_quantized_model(model, path, compare)
         q_metrics = pipeline.evaluate(model, datamodule, settings, stage)
         if fp_metrics:

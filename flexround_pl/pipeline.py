@@ -133,12 +133,21 @@ class TrainerSettings:
 
 
 def evaluate(
-    model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, stage: str = "validate"
+    model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, stage: str = "validate",
+    reference: bool = False,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on the data module's ``validate`` (eval split) or ``test`` loader."""
+    """Metrics of ``model`` on the data module's ``validate`` (eval split) or ``test`` loader.
+
+    ``reference=True`` marks the FP pass: its predictions are recorded, and a
+    later pass on the same loader adds ``fp_agreement`` to its metrics.
+    """
     trainer = settings.eval_trainer()
-    with quiet_lightning():
-        getattr(trainer, stage)(model, datamodule=datamodule, verbose=False)
+    model.record_reference = reference
+    try:
+        with quiet_lightning():
+            getattr(trainer, stage)(model, datamodule=datamodule, verbose=False)
+    finally:
+        model.record_reference = False
     return dict(model.last_metrics)
 
 
@@ -253,7 +262,7 @@ def run(
 
     fp_metrics: dict[str, float] = {}
     if model.evaluate_fp:
-        fp_metrics = evaluate(model, datamodule, settings)
+        fp_metrics = evaluate(model, datamodule, settings, reference=True)
         log(f"FP metrics: {_fmt(fp_metrics)}")
 
     device = settings.eval_trainer().strategy.root_device

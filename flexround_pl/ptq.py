@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from flexround_pl.evaluate.agreement import FPAgreement
 from flexround_pl.models.adapter import Architecture, find_architecture
 from flexround_pl.models.sources import ModelSource
 from flexround_pl.quant.config import QuantConfig
@@ -48,6 +49,8 @@ class PTQModel(L.LightningModule):
         self.arch: Optional[Architecture] = None
         self.task_metrics: Optional[nn.Module] = None
         self.last_metrics: dict[str, float] = {}
+        self.agreement = FPAgreement()  # quantized vs FP predictions (``fp_agreement``)
+        self.record_reference = False  # set by pipeline.evaluate for the FP pass
 
     def load(self, num_labels: Optional[int] = None) -> nn.Module:
         """Load the FP network and run its adapter's one-off preparation."""
@@ -70,25 +73,30 @@ class PTQModel(L.LightningModule):
 
     # -- evaluation ------------------------------------------------------------
 
-    def _eval_step(self, batch: dict[str, Any]) -> None:
+    def _eval_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logits = self({k: v for k, v in batch.items() if k != "labels"})
         self.task_metrics.update(logits.float(), batch)
+        self.agreement.update(batch_idx, logits, batch)
 
     def _eval_start(self) -> None:
         if self.task_metrics is None:
             self.task_metrics = self.trainer.datamodule.metrics()
         self.task_metrics.to(self.device)
         self.task_metrics.reset()
+        self.agreement.start(record=self.record_reference)
 
     def _eval_end(self) -> None:
         self.last_metrics = {k: float(v) for k, v in self.task_metrics.compute().items()}
+        agreement = self.agreement.compute()
+        if agreement is not None:
+            self.last_metrics[self.agreement.name] = agreement
         self.log_dict(self.last_metrics, sync_dist=False)
 
     def on_validation_epoch_start(self) -> None:
         self._eval_start()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
+        self._eval_step(batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end()
@@ -97,7 +105,7 @@ class PTQModel(L.LightningModule):
         self._eval_start()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
+        self._eval_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._eval_end()

@@ -105,3 +105,52 @@ def test_glue_tasks():
     assert GLUE_TASKS["stsb"].num_labels == 1
     for task in GLUE_TASKS.values():
         assert task.make_metrics().names == list(task.metrics)
+
+
+# ----------------------------------------------------------------------------- agreement with FP
+
+
+def test_fp_agreement_counts_equal_argmax_per_batch():
+    from flexround_pl.evaluate import FPAgreement
+
+    a = FPAgreement()
+    a.start(record=True)
+    a.update(0, one_hot_logits([0, 1, 2], 3), {})
+    a.update(1, one_hot_logits([2, 2], 3), {})
+    assert a.compute() is None  # the reference pass itself reports nothing
+    a.start(record=False)
+    a.update(0, one_hot_logits([0, 2, 2], 3), {})
+    a.update(1, one_hot_logits([2, 1], 3), {})
+    assert a.compute() == pytest.approx(3 / 5)
+
+
+def test_fp_agreement_on_causal_lm_ignores_padding_and_last_position():
+    from flexround_pl.evaluate import FPAgreement
+
+    mask = torch.tensor([[1, 1, 1, 0]])  # 2 real next-token positions (t=0, 1)
+    fp = one_hot_logits([[1, 2, 3, 0]], 4)
+    q = one_hot_logits([[1, 0, 0, 3]], 4)  # t=0 agrees, t=1 not; t=2 predicts padding, t=3 last
+    a = FPAgreement()
+    a.start(record=True)
+    a.update(0, fp, {"attention_mask": mask})
+    a.start(record=False)
+    a.update(0, q, {"attention_mask": mask})
+    assert a.compute() == pytest.approx(1 / 2)
+
+
+def test_fp_agreement_needs_every_reference_batch_and_skips_regression():
+    from flexround_pl.evaluate import FPAgreement
+
+    a = FPAgreement()
+    a.start(record=True)
+    a.update(0, one_hot_logits([0, 1], 2), {})
+    a.update(1, one_hot_logits([0, 1], 2), {})
+    a.start(record=False)
+    a.update(0, one_hot_logits([0, 1], 2), {})  # batch 1 never compared: not comparable
+    assert a.compute() is None
+    b = FPAgreement()
+    b.start(record=True)
+    b.update(0, torch.randn(4, 1), {})  # STS-B style regression: no argmax decision
+    b.start(record=False)
+    b.update(0, torch.randn(4, 1), {})
+    assert b.compute() is None

@@ -1,5 +1,6 @@
 """Evaluation: task metrics shared by the data modules and the evaluation loop."""
 
+from flexround_pl.evaluate.agreement import FPAgreement
 from flexround_pl.evaluate.metrics import (
     GLUE_TASKS,
     ClassificationMetrics,
@@ -9,4 +10,4 @@ from flexround_pl.evaluate.metrics import (
     TopKMetrics,
 )
 
-__all__ = ["GLUE_TASKS", "ClassificationMetrics", "GlueTask", "PerplexityMetrics", "TaskMetrics", "TopKMetrics"]
+__all__ = ["GLUE_TASKS", "ClassificationMetrics", "FPAgreement", "GlueTask", "PerplexityMetrics", "TaskMetrics", "TopKMetrics"]
