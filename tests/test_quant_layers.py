@@ -188,3 +188,13 @@ def test_shared_module_gets_one_wrapper():
     names = quantize_modules(m, _cfg("rtn"))
     assert names == ["a.0", "b.0"] and m["a"][0] is m["b"][0]
     assert isinstance(m["a"][0], QuantizedLayer)
+
+
+def test_module_aliased_under_one_parent_is_swapped_everywhere():
+    lin = nn.Linear(4, 4)
+    parent = nn.Module()
+    parent.proj = lin
+    parent.alias = lin  # e.g. a tied / re-exported projection
+    names = quantize_modules(parent, _cfg("rtn"))
+    assert names == ["proj", "alias"]
+    assert parent.proj is parent.alias and isinstance(parent.alias, QuantizedLayer)

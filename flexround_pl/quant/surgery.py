@@ -67,7 +67,11 @@ def quantize_modules(
     for parent_name, parent in list(root.named_modules()):
         if isinstance(parent, QuantizedLayer):
             continue
-        for child_name, child in list(parent.named_children()):
+        # _modules, not named_children(): the latter yields a module registered
+        # twice under one parent only once, which would leave an FP alias behind
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             name = _qualify(prefix, parent_name, child_name)
             if id(child) not in wrappers:
                 cls = wrapper_class(child)
