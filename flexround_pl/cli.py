@@ -51,6 +51,13 @@ from flexround_pl.reconstruct.resume import RunState, fingerprint
 from flexround_pl.utils import is_rank_zero
 
 
+SUBCOMMANDS = {
+    "fit": "Quantize the model block by block and write the run directory (checkpoint, export, results.json).",
+    "validate": "Evaluate a run's quantized checkpoint (and the FP model) on the validation / eval split.",
+    "test": "Evaluate a run's quantized checkpoint (and the FP model) on the test loader.",
+}
+
+
 class FlexRoundCLI(LightningCLI):
     def __init__(self, args: Optional[list[str]] = None, run: bool = True) -> None:
         super().__init__(
@@ -60,10 +67,17 @@ class FlexRoundCLI(LightningCLI):
             save_config_callback=None,  # saved once by fit(), not once per block trainer
             auto_configure_optimizers=False,
             seed_everything_default=0,
-            parser_kwargs={"exit_on_error": False},
+            parser_kwargs={"exit_on_error": False, **{
+                name: {"exit_on_error": False, "description": text} for name, text in SUBCOMMANDS.items()
+            }},
             args=args,
             run=run,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # no ``predict``: a PTQ run has nothing to predict with beyond its evaluation
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in SUBCOMMANDS}
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would torch.load() --ckpt_path to read Lightning hyper-parameters; ours is a
@@ -79,7 +93,14 @@ class FlexRoundCLI(LightningCLI):
         with pipeline.quiet_lightning():
             return super().instantiate_trainer(**kwargs)
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":  # --fresh / --export mean nothing to validate / test
+            self._add_fit_arguments(parser)
+        return parser
+
+    @staticmethod
+    def _add_fit_arguments(parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--fresh", type=bool, default=False,
             help="fit: discard the resume state and outputs of the run directory and start over "

@@ -99,3 +99,16 @@ def test_print_config_shows_overrides(tmp_path, tiny_bert_dir, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["quant"]["weight"]["bits"] == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_fit_only_options_and_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["validate", "--help"])
+    assert "--fresh" not in capsys.readouterr().out  # fit-only options stay off validate / test
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "--fresh" in out and "--export" in out
+    assert main(["predict"]) == 2  # no predict subcommand: one error line, exit 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "predict" in err[0]
