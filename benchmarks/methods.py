@@ -31,6 +31,7 @@ def run_one(config: str, method: str, bits: int, root: str, extra: list[str]) ->
     with open(os.path.join(root, "results.json")) as f:
         results = json.load(f)
     results["wall_seconds"] = time.perf_counter() - start
+    results["run_dir"] = os.path.abspath(root)  # TensorBoard logs for benchmarks/plots.py
     return results
 
 
