@@ -19,6 +19,23 @@ batches, quantized layers from ``quantize_modules``, ``training_forward``,
   per-step overhead of Lightning.
 * ``lp_init``: building the quantized layers of the block (the grid's Lp
   search over 100 candidates dominates), FlexRound, per-tensor.
+* ``--precision 32-true bf16-mixed``: every method in each precision.
+  ``bf16-mixed`` is what Lightning's ``MixedPrecision`` plugin does on CPU:
+  ``torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)`` around
+  the training step (forward + loss + regularization), backward and the Adam
+  step outside it; parameters (quantizer scales included) stay fp32. With both
+  precisions, ``bf16_vs_fp32`` has the CPU-time ratio and the numerical effect
+  on one batch (same parameters): relative difference of the loss, and of the
+  learnable parameters' gradient (relative L2, cosine, sign agreement).
+* ``--compile``: ``nn.Module.compile()`` (``torch.compile``, inductor) of the
+  student block (the module ``training_forward`` calls) and of the floor
+  block: one-off compile time (first iteration minus the steady-state median),
+  steady-state time vs eager, whether a *second* block of the same class (the
+  next layer of the model, as the driver builds it: fresh student, no
+  ``torch._dynamo.reset()``) recompiles, and the loss vs eager (first and last
+  timed iteration, same start). Inductor runs with ``compile_threads = 1``
+  (in-process, so the C++ compiler's CPU time is counted as children time)
+  and a fresh cache directory per run (cold compile, unless ``--compile-cache``).
 
 Timings: median over ``--steps`` timed iterations after ``--warmup``, wall
 (``time.perf_counter``) and CPU (``time.process_time``, all threads of the
@@ -28,17 +45,22 @@ steadier number on CPU. Writes ``benchmarks/results/iteration_cost.json``.
     python benchmarks/iteration_cost.py                       # full shapes (minutes on 2 CPU cores)
     python benchmarks/iteration_cost.py --scale 0.25 --steps 5  # quick: batch scaled down
     python benchmarks/iteration_cost.py --families bert --methods floor flexround
+    python benchmarks/iteration_cost.py --threads 1 --scale 0.25 --precision 32-true bf16-mixed --lightning-steps 0
+    python benchmarks/iteration_cost.py --threads 1 --scale 0.25 --families llama --compile --lightning-steps 0
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import math
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -53,14 +75,18 @@ from flexround_pl.reconstruct.cache import CalibrationCache, block_output, to_de
 from flexround_pl.reconstruct.data import BlockDataModule  # noqa: E402
 from flexround_pl.reconstruct.module import BlockReconstruction, reconstruction_loss  # noqa: E402
 
+PRECISIONS = ("32-true", "bf16-mixed")
+
 # ---- block families ---------------------------------------------------------------
+# Each family builds a 2-layer model: ``block`` (layer 0) is the timed block, ``second``
+# (layer 1, same class and shapes) is the "next block" of the --compile recompilation check.
 
 
 def _bert(scale: float) -> dict[str, Any]:
     """One MiniLM-L6 layer (hidden 384, 12 heads, FFN 1536) at batch 32 x 128 tokens."""
     import transformers
 
-    cfg = transformers.BertConfig(vocab_size=1000, hidden_size=384, num_hidden_layers=1, num_attention_heads=12,
+    cfg = transformers.BertConfig(vocab_size=1000, hidden_size=384, num_hidden_layers=2, num_attention_heads=12,
                                   intermediate_size=1536, max_position_embeddings=128)
     net = transformers.BertForSequenceClassification(cfg).eval()
     b, t = max(1, round(32 * scale)), 128
@@ -69,21 +95,21 @@ def _bert(scale: float) -> dict[str, Any]:
     mask[: b // 2, t - 16:] = 0  # some padding, as real batches have
     batch = {"input_ids": ids, "attention_mask": mask}
     return dict(name=f"bert (MiniLM layer, {b}x{t})", net=net, block=net.bert.encoder.layer[0],
-                run=lambda x: net(**x), batches=[batch])
+                second=net.bert.encoder.layer[1], run=lambda x: net(**x), batches=[batch])
 
 
 def _llama(scale: float) -> dict[str, Any]:
     """One SmolLM2-135M decoder layer (hidden 576, 9 heads / 3 KV heads, FFN 1536) at batch 4 x 512."""
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
                                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=512,
                                    use_cache=False)
     net = transformers.LlamaForCausalLM(cfg).eval()
     b, t = max(1, round(4 * scale)), 512
     batch = {"input_ids": torch.randint(0, 1000, (b, t)), "attention_mask": torch.ones(b, t, dtype=torch.long)}
     return dict(name=f"llama (SmolLM2 layer, {b}x{t})", net=net, block=net.model.layers[0],
-                run=lambda x: net(**x), batches=[batch])
+                second=net.model.layers[1], run=lambda x: net(**x), batches=[batch])
 
 
 def _resnet(scale: float) -> dict[str, Any]:
@@ -95,7 +121,7 @@ def _resnet(scale: float) -> dict[str, Any]:
     net = prepare_resnet(torchvision.models.resnet18().eval())
     b = max(1, round(32 * scale))
     batch = {"pixel_values": torch.randn(b, 3, 224, 224)}
-    return dict(name=f"resnet (BasicBlock, {b}x64x56x56)", net=net, block=net.layer1[0],
+    return dict(name=f"resnet (BasicBlock, {b}x64x56x56)", net=net, block=net.layer1[0], second=net.layer1[1],
                 run=lambda x: net(x["pixel_values"]), batches=[batch])
 
 
@@ -104,17 +130,40 @@ FAMILIES: dict[str, Callable[[float], dict[str, Any]]] = {"bert": _bert, "llama"
 # ---- timing -------------------------------------------------------------------------
 
 
-def _timed(fn: Callable[[], Any], warmup: int, steps: int) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    wall, cpu = [], []
-    for _ in range(steps):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
+def _children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def _timed(fn: Callable[[], float], warmup: int, steps: int) -> dict[str, Any]:
+    """Median of ``steps`` calls after ``warmup``; the first call (compilation, if any) is also reported.
+
+    ``fn`` returns the step's loss; ``losses`` has every call's, in order."""
+    wall, cpu, losses = [], [], []
+    first: dict[str, float] = {}
+    for i in range(warmup + steps):
+        w0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
+        losses.append(fn())
+        w, c = time.perf_counter() - w0, time.process_time() - c0
+        if i == 0:
+            first = {"first_wall_s": w, "first_cpu_s": c, "first_children_cpu_s": _children_cpu() - k0}
+        if i >= warmup:
+            wall.append(w)
+            cpu.append(c)
     return {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu),
-            "wall_min_s": min(wall), "cpu_min_s": min(cpu)}
+            "wall_min_s": min(wall), "cpu_min_s": min(cpu), **first, "losses": losses}
+
+
+def _autocast(precision: str) -> contextlib.AbstractContextManager:
+    """The training-step context of Lightning's precision plugin on CPU.
+
+    ``bf16-mixed``: ``MixedPrecision.autocast_context_manager`` (``cache_enabled=False``), which
+    ``Strategy.training_step`` enters around ``training_step`` only; ``32-true``: nothing."""
+    if precision == "bf16-mixed":
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+    if precision == "32-true":
+        return contextlib.nullcontext()
+    raise ValueError(precision)
 
 
 def _quant_config(method: str, init: str = "lp") -> QuantConfig:
@@ -128,46 +177,247 @@ def _prepare(family: dict[str, Any]) -> tuple[CalibrationCache, nn.Module]:
     return cache, teacher
 
 
-def _floor_step(teacher: nn.Module, batch: dict[str, Any]) -> Callable[[], None]:
-    fp = copy.deepcopy(teacher).eval()
-    params = [m.weight for m in fp.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    fp.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=1e-3)
+class _Floor:
+    """A plain copy of the FP block, every Linear / Conv weight learnable (Adam), same batch and loss."""
 
-    def step() -> None:
-        out = block_output(fp(batch["q_inputs"], *batch["args"], **batch["kwargs"]))
-        loss = reconstruction_loss(out, batch["targets"], batch.get("loss_mask"))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, teacher: nn.Module) -> None:
+        self.block = copy.deepcopy(teacher).eval()
+        self.params = [m.weight for m in self.block.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        self.block.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
 
-    return step
+    def compile(self) -> None:
+        self.block.compile()
 
-
-def _student(family: dict[str, Any], method: str, teacher: nn.Module) -> tuple[BlockReconstruction, float, float]:
-    student = copy.deepcopy(teacher)
-    w0, c0 = time.perf_counter(), time.process_time()
-    quantize_modules(student, _quant_config(method))
-    build_wall, build_cpu = time.perf_counter() - w0, time.process_time() - c0
-    return BlockReconstruction(teacher, student, lr=1e-3, tag="bench"), build_wall, build_cpu
+    def loss(self, batch: dict[str, Any], step: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = block_output(self.block(batch["q_inputs"], *batch["args"], **batch["kwargs"]))
+        rec = reconstruction_loss(out, batch["targets"], batch.get("loss_mask"))
+        return rec, rec
 
 
-def _student_step(module: BlockReconstruction, batch: dict[str, Any], total_steps: int) -> Callable[[], None]:
-    """One iteration exactly as ``BlockReconstruction.training_step`` + Lightning's optimizer step do it."""
-    opt = torch.optim.Adam([{"params": module.weight_params, "lr": module.lr}], lr=module.lr)
+class _Student:
+    """The quantized block inside ``BlockReconstruction``: ``training_step``'s loss, by hand."""
+
+    def __init__(self, method: str, teacher: nn.Module) -> None:
+        student = copy.deepcopy(teacher)
+        w0, c0 = time.perf_counter(), time.process_time()
+        quantize_modules(student, _quant_config(method))
+        self.build_wall_s, self.build_cpu_s = time.perf_counter() - w0, time.process_time() - c0
+        self.module = BlockReconstruction(teacher, student, lr=1e-3, tag="bench")
+        self.params = self.module.weight_params
+
+    def compile(self) -> None:
+        self.module.student.compile()  # the module training_forward calls
+
+    def loss(self, batch: dict[str, Any], step: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rec = reconstruction_loss(self.module.training_forward(batch), batch["targets"], batch.get("loss_mask"))
+        reg = total_regularization(self.module.student, min(1.0, step / total))
+        return rec, rec + reg
+
+
+def _make(method: str, teacher: nn.Module) -> Any:
+    return _Floor(teacher) if method == "floor" else _Student(method, teacher)
+
+
+def _step_fn(runner: Any, batch: dict[str, Any], total_steps: int, precision: str) -> Callable[[], float]:
+    """One iteration as Lightning runs it: training_step under the precision context, backward, Adam step."""
+    opt = torch.optim.Adam([{"params": runner.params, "lr": 1e-3}], lr=1e-3)
     counter = [0]
 
-    def step() -> None:
-        rec = reconstruction_loss(module.training_forward(batch), batch["targets"], batch.get("loss_mask"))
-        reg = total_regularization(module.student, min(1.0, counter[0] / total_steps))
-        (rec + reg).backward()
+    def step() -> float:
+        with _autocast(precision):
+            rec, total = runner.loss(batch, counter[0], total_steps)
+        total.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         counter[0] += 1
+        return float(rec.detach())
 
     return step
+
+
+@torch.no_grad()
+def _fp32_loss(runner: Any, batch: dict[str, Any]) -> float:
+    """Reconstruction loss of the current parameters, evaluated in fp32 (no autocast)."""
+    rec, _ = runner.loss(batch, 0, 1)
+    return float(rec)
+
+
+def _loss_and_grad(runner: Any, batch: dict[str, Any], precision: str) -> tuple[float, torch.Tensor]:
+    for p in runner.params:
+        p.grad = None
+    with _autocast(precision):
+        rec, total = runner.loss(batch, 0, 1)
+    total.backward()
+    grad = torch.cat([p.grad.detach().flatten().double() for p in runner.params])
+    for p in runner.params:
+        p.grad = None
+    return float(rec.detach()), grad
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def _bf16_numerics(method: str, teacher: nn.Module, batch: dict[str, Any]) -> dict[str, float]:
+    """Loss and gradient of the learnable parameters on one batch, fp32 vs bf16-mixed, same parameters."""
+    torch.manual_seed(0)
+    runner = _make(method, teacher)
+    l32, g32 = _loss_and_grad(runner, batch, "32-true")
+    l16, g16 = _loss_and_grad(runner, batch, "bf16-mixed")
+    out: dict[str, Any] = {"loss_fp32": l32, "loss_bf16": l16, "grad_numel": int(g32.numel()),
+                           "loss_rel_diff": None, "grad_rel_l2": None, "grad_cos": None, "grad_sign_agree": None}
+    nz = g32 != 0
+    if l32 > 0 and bool(nz.any()):  # the floor's fp32 loss and gradient are 0 (student == teacher): no ratio
+        out.update({
+            "loss_rel_diff": _rel(l16, l32),
+            "grad_rel_l2": float((g16 - g32).norm() / g32.norm()),
+            "grad_cos": float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)),
+            "grad_sign_agree": float((torch.sign(g16[nz]) == torch.sign(g32[nz])).float().mean()),
+        })
+    return out
+
+
+def _quality(method: str, teacher: nn.Module, batch: dict[str, Any], precision: str, steps: int,
+             lr: float) -> dict[str, float]:
+    """Train ``steps`` iterations (Adam, cosine to 0, as ``BlockReconstruction``) in ``precision`` from the
+    Lp/RTN start; the hard (hardened-codes) loss is evaluated in fp32, as the driver's ``loss_end``."""
+    from flexround_pl.quant.surgery import set_hard
+
+    torch.manual_seed(0)
+    runner = _Student(method, teacher)
+    student = runner.module.student
+
+    @torch.no_grad()
+    def hard_loss() -> float:
+        set_hard(student, True)
+        try:
+            return _fp32_loss(runner, batch)
+        finally:
+            set_hard(student, False)
+
+    start = hard_loss()
+    opt = torch.optim.Adam([{"params": runner.params, "lr": lr}], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    c0 = time.process_time()
+    for i in range(steps):
+        with _autocast(precision):
+            _, total = runner.loss(batch, i, steps)
+        total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+    return {"hard_loss_start": start, "hard_loss_end": hard_loss(), "cpu_s": time.process_time() - c0,
+            "steps": steps, "lr": lr}
+
+
+# ---- torch.compile ------------------------------------------------------------------
+
+
+def _dynamo_counts() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {
+        "frames_compiled": int(counters["frames"]["ok"]),
+        "unique_graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "fxgraph_cache_hit": int(counters["inductor"]["fxgraph_cache_hit"]),
+        "fxgraph_cache_miss": int(counters["inductor"]["fxgraph_cache_miss"]),
+    }
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
+def _eval_fn(runner: Any, batch: dict[str, Any], precision: str) -> Callable[[], float]:
+    """The validation forward the driver also runs per block: no grad, AdaRound hard (a different graph)."""
+    from flexround_pl.quant.surgery import set_hard
+
+    @torch.no_grad()
+    def fn() -> float:
+        student = getattr(getattr(runner, "module", None), "student", None)
+        if student is not None:
+            set_hard(student, True)
+        try:
+            with _autocast(precision):
+                rec, _ = runner.loss(batch, 0, 1)
+        finally:
+            if student is not None:
+                set_hard(student, False)
+        return float(rec)
+
+    return fn
+
+
+def _first_and_next(fn: Callable[[], float]) -> dict[str, float]:
+    t = _timed(fn, 1, 1)
+    return {"first_wall_s": t["first_wall_s"], "first_cpu_s": t["first_cpu_s"],
+            "first_children_cpu_s": t["first_children_cpu_s"], "wall_s": t["wall_s"], "cpu_s": t["cpu_s"],
+            "compile_wall_s": t["first_wall_s"] - t["wall_s"],
+            "compile_cpu_s": t["first_cpu_s"] + t["first_children_cpu_s"] - t["cpu_s"]}
+
+
+def _inductor_startup() -> dict[str, float]:
+    """The first compilation of the process (imports, inductor start-up) on a tiny Linear: paid once per run."""
+    import torch._dynamo
+
+    lin = nn.Linear(8, 8)
+    lin.compile()
+    x = torch.randn(4, 8)
+    w0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
+    lin(x).sum().backward()
+    out = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0 + _children_cpu() - k0}
+    torch._dynamo.reset()
+    return out
+
+
+def _compiled(method: str, teacher: nn.Module, second_teacher: nn.Module, batch: dict[str, Any], precision: str,
+              warmup: int, steps: int, eager: dict[str, Any], target_energy: float) -> dict[str, Any]:
+    """Compile the block, time it, then a second block of the same class (no reset in between)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    out: dict[str, Any] = {}
+    try:
+        before = _dynamo_counts()
+        torch.manual_seed(0)
+        runner = _make(method, teacher)
+        runner.compile()
+        t = _timed(_step_fn(runner, batch, warmup + steps, precision), warmup, steps)
+        t["compile_wall_s"] = t["first_wall_s"] - t["wall_s"]
+        t["compile_cpu_s"] = t["first_cpu_s"] + t["first_children_cpu_s"] - t["cpu_s"]
+        t["x_eager_cpu"] = t["cpu_s"] / eager["cpu_s"]
+        t["x_eager_wall"] = t["wall_s"] / eager["wall_s"]
+        t["eager_first_minus_steady_cpu_s"] = eager["first_cpu_s"] - eager["cpu_s"]
+        # same start, same batch: loss of the first (forward only differs) and last (after warmup+steps-1
+        # Adam updates) iteration; relative to the eager loss, and to the targets' energy (the floor's
+        # eager loss is 0: the block is its own teacher)
+        for k, i in (("first", 0), ("last", -1)):
+            d = abs(t["losses"][i] - eager["losses"][i])
+            t[f"loss_rel_diff_{k}"] = d / eager["losses"][i] if eager["losses"][i] > 0 else None
+            t[f"loss_diff_over_target_{k}"] = d / target_energy
+        t["counters"] = _delta(_dynamo_counts(), before)
+        out.update(t)
+        before = _dynamo_counts()
+        out["eval_forward"] = _first_and_next(_eval_fn(runner, batch, precision))
+        out["eval_forward"]["counters"] = _delta(_dynamo_counts(), before)
+        # the next layer of the model: a fresh block of the same class, as the driver builds one per layer
+        before = _dynamo_counts()
+        torch.manual_seed(0)
+        runner2 = _make(method, second_teacher)
+        runner2.compile()
+        out["second_block"] = _first_and_next(_step_fn(runner2, batch, 2, precision))
+        out["second_block"]["eval_forward"] = _first_and_next(_eval_fn(runner2, batch, precision))
+        out["second_block"]["counters"] = _delta(_dynamo_counts(), before)
+        out["second_block"]["recompiled"] = out["second_block"]["counters"]["frames_compiled"] > 0
+    except Exception as e:  # noqa: BLE001 -- report, do not hide: a family that does not compile is a result
+        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+    return out
+
+
+# ---- Lightning ------------------------------------------------------------------------
 
 
 def _lightning_overhead(teacher: nn.Module, cache: CalibrationCache, batch_size: int, steps: int) -> dict[str, float]:
@@ -177,7 +427,7 @@ def _lightning_overhead(teacher: nn.Module, cache: CalibrationCache, batch_size:
     out: dict[str, float] = {}
     for kind in ("plain", "lightning"):
         torch.manual_seed(0)
-        module, _, _ = _student({}, "flexround", teacher)
+        module = _Student("flexround", teacher).module
         dm = BlockDataModule(cache, batch_size, batch_size, seed=0)
         w0, c0 = time.perf_counter(), time.process_time()
         if kind == "lightning":
@@ -210,40 +460,110 @@ def _lightning_overhead(teacher: nn.Module, cache: CalibrationCache, batch_size:
 
 
 def run(families: list[str], methods: list[str], scale: float, warmup: int, steps: int,
-        lightning_steps: int) -> dict[str, Any]:
+        lightning_steps: int, precisions: list[str] | None = None, compile_: bool = False,
+        quality_steps: int = 0, quality_lr: float = 1e-3) -> dict[str, Any]:
+    precisions = precisions or ["32-true"]
     rows = []
+    startup: dict[str, float] | None = None
     for fam_key in families:
         torch.manual_seed(0)
         family = FAMILIES[fam_key](scale)
         cache, teacher = _prepare(family)
+        second_teacher = copy.deepcopy(family["second"]).eval().requires_grad_(False)
         batch = to_device(BlockDataModule(cache, len(cache), len(cache), 0).val_dataloader().__iter__().__next__(),
                           torch.device("cpu"))
-        row: dict[str, Any] = {"family": fam_key, "block": family["name"]}
-        for method in methods:
-            torch.manual_seed(0)
-            if method == "floor":
-                row["floor"] = _timed(_floor_step(teacher, batch), warmup, steps)
-            else:
-                module, bw, bc = _student(family, method, teacher)
-                row[method] = _timed(_student_step(module, batch, warmup + steps), warmup, steps)
-                row[method]["build_wall_s"], row[method]["build_cpu_s"] = bw, bc
-            print(f"  {fam_key} {method}: {row[method]['cpu_s'] * 1e3:.1f} ms CPU, "
-                  f"{row[method]['wall_s'] * 1e3:.1f} ms wall", flush=True)
-        for method in methods:
-            if method != "floor" and "floor" in row:
-                row[method]["x_floor_cpu"] = row[method]["cpu_s"] / row["floor"]["cpu_s"]
-                row[method]["x_floor_wall"] = row[method]["wall_s"] / row["floor"]["wall_s"]
+        target_energy = float(reconstruction_loss(torch.zeros_like(batch["targets"]), batch["targets"],
+                                                  batch.get("loss_mask")))
+        row: dict[str, Any] = {"family": fam_key, "block": family["name"], "precision": precisions[0],
+                               "precisions": {}}
+        for precision in precisions:
+            res: dict[str, Any] = {}
+            for method in methods:
+                torch.manual_seed(0)
+                runner = _make(method, teacher)
+                res[method] = _timed(_step_fn(runner, batch, warmup + steps, precision), warmup, steps)
+                res[method]["loss_after_fp32"] = _fp32_loss(runner, batch)
+                if method != "floor":
+                    res[method]["build_wall_s"], res[method]["build_cpu_s"] = runner.build_wall_s, runner.build_cpu_s
+                print(f"  {fam_key} {precision} {method}: {res[method]['cpu_s'] * 1e3:.1f} ms CPU, "
+                      f"{res[method]['wall_s'] * 1e3:.1f} ms wall", flush=True)
+            for method in methods:
+                if method != "floor" and "floor" in res:
+                    res[method]["x_floor_cpu"] = res[method]["cpu_s"] / res["floor"]["cpu_s"]
+                    res[method]["x_floor_wall"] = res[method]["wall_s"] / res["floor"]["wall_s"]
+            row["precisions"][precision] = res
+        for method in methods:  # the old keys: the first precision's numbers
+            row[method] = row["precisions"][precisions[0]][method]
+        if set(PRECISIONS) <= set(precisions):
+            p32, p16 = row["precisions"]["32-true"], row["precisions"]["bf16-mixed"]
+            row["bf16_vs_fp32"] = {}
+            for method in methods:
+                num = _bf16_numerics(method, teacher, batch)
+                num["x_cpu"] = p16[method]["cpu_s"] / p32[method]["cpu_s"]
+                num["x_wall"] = p16[method]["wall_s"] / p32[method]["wall_s"]
+                num["loss_after_rel_diff"] = _rel(p16[method]["loss_after_fp32"], p32[method]["loss_after_fp32"])
+                row["bf16_vs_fp32"][method] = num
+                print(f"  {fam_key} bf16/fp32 {method}: {num['x_cpu']:.2f}x CPU, loss fp32 {num['loss_fp32']:.4g} "
+                      f"bf16 {num['loss_bf16']:.4g}, grad rel L2 {num['grad_rel_l2']}", flush=True)
+            if "floor" in row["bf16_vs_fp32"]:
+                # the floor's bf16 loss is bf16's own error on the FP block (its fp32 loss is 0): its share
+                # of the W4 round-to-nearest loss the quantizers start from (FlexRound at init == RTN)
+                for method in methods:
+                    if method != "floor":
+                        row["bf16_vs_fp32"][method]["bf16_floor_over_fp32_loss"] = (
+                            row["bf16_vs_fp32"]["floor"]["loss_bf16"] / row["bf16_vs_fp32"][method]["loss_fp32"])
+        if quality_steps > 0:
+            row["quality"] = {}
+            for method in (m for m in methods if m != "floor"):
+                q = {p: _quality(method, teacher, batch, p, quality_steps, quality_lr) for p in precisions}
+                if set(PRECISIONS) <= set(precisions):
+                    a, b = q["32-true"]["hard_loss_end"], q["bf16-mixed"]["hard_loss_end"]
+                    q["bf16_over_fp32_end"] = b / a
+                row["quality"][method] = q
+                print(f"  {fam_key} {method} {quality_steps} steps: hard loss "
+                      + ", ".join(f"{p} {q[p]['hard_loss_start']:.4g} -> {q[p]['hard_loss_end']:.4g}" for p in precisions),
+                      flush=True)
+        if compile_:
+            if startup is None:
+                startup = _inductor_startup()
+            row["compile"] = {}
+            for precision in precisions:
+                row["compile"][precision] = {}
+                for method in methods:
+                    c = _compiled(method, teacher, second_teacher, batch, precision, warmup, steps,
+                                  row["precisions"][precision][method], target_energy)
+                    row["compile"][precision][method] = c
+                    if "error" in c:
+                        print(f"  {fam_key} {precision} {method} compiled: FAILED {c['error']}", flush=True)
+                    else:
+                        print(f"  {fam_key} {precision} {method} compiled: {c['cpu_s'] * 1e3:.1f} ms CPU "
+                              f"({c['x_eager_cpu']:.2f}x eager), compile {c['compile_wall_s']:.1f} s wall, "
+                              f"2nd block recompiled={c['second_block']['recompiled']} "
+                              f"({c['second_block']['compile_wall_s']:.1f} s)", flush=True)
         if lightning_steps > 0:
             bs = max(1, len(cache) // 2)
             row["lightning"] = _lightning_overhead(teacher, cache, bs, lightning_steps)
             row["lightning"]["batch_size"] = bs
             row["lightning"]["steps"] = lightning_steps
         rows.append(row)
-    return {
+    out = {
         "rows": rows, "scale": scale, "warmup": warmup, "steps": steps, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(), "precisions": precisions, "compile": compile_,
+        "quality_steps": quality_steps, "quality_lr": quality_lr,
     }
+    if compile_:
+        import torch._dynamo.config as dcfg
+        import torch._inductor.config as icfg
+
+        out["compile_settings"] = {
+            "first_compile_of_process_wall_s": startup and startup["wall_s"],
+            "first_compile_of_process_cpu_s": startup and startup["cpu_s"],
+            "backend": "inductor", "compile_threads": icfg.compile_threads, "fx_graph_cache": icfg.fx_graph_cache,
+            "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+            "recompile_limit": getattr(dcfg, "recompile_limit", getattr(dcfg, "cache_size_limit", None)),
+        }
+    return out
 
 
 def table(result: dict[str, Any], methods: list[str]) -> str:
@@ -263,6 +583,75 @@ def table(result: dict[str, Any], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def precision_table(result: dict[str, Any], methods: list[str]) -> str:
+    head = ["block", "method", "fp32 ms CPU", "bf16 ms CPU", "bf16 / fp32 (CPU)", "loss fp32 / bf16",
+            "loss rel diff", "grad rel L2", "grad cos", "grad sign agree",
+            f"loss after {result['warmup'] + result['steps']} it (fp32 eval), rel diff", "bf16 floor / loss"]
+
+    def f(x: Any, spec: str) -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        for m in methods:
+            b = r.get("bf16_vs_fp32", {}).get(m)
+            if b is None:
+                continue
+            p = r["precisions"]
+            lines.append("| " + " | ".join([
+                r["block"], m, f"{p['32-true'][m]['cpu_s'] * 1e3:.0f}", f"{p['bf16-mixed'][m]['cpu_s'] * 1e3:.0f}",
+                f"{b['x_cpu']:.2f}x", f"{b['loss_fp32']:.3g} / {b['loss_bf16']:.3g}", f(b["loss_rel_diff"], ".1e"),
+                f(b["grad_rel_l2"], ".1e"), f(b["grad_cos"], ".5f"), f(b["grad_sign_agree"], ".4f"),
+                f(b["loss_after_rel_diff"] if m != "floor" else None, ".1e"),
+                f(b.get("bf16_floor_over_fp32_loss"), ".1e")]) + " |")
+    return "\n".join(lines)
+
+
+def quality_table(result: dict[str, Any], precisions: list[str]) -> str:
+    head = ["block", "method", "steps", "hard loss start (RTN grid)"] + [f"hard loss end, {p}" for p in precisions]
+    both = set(PRECISIONS) <= set(precisions)
+    if both:
+        head.append("bf16 / fp32 end")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        for m, q in r.get("quality", {}).items():
+            cells = [r["block"], m, str(result["quality_steps"]), f"{q[precisions[0]]['hard_loss_start']:.4g}"]
+            cells += [f"{q[p]['hard_loss_end']:.4g}" for p in precisions]
+            if both:
+                cells.append(f"{q['bf16_over_fp32_end']:.3f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compile_table(result: dict[str, Any], methods: list[str]) -> str:
+    head = ["block", "precision", "method", "eager ms CPU", "compiled ms CPU", "compiled / eager (CPU)",
+            "compile s wall (CPU incl. cc)", "eval graph compile s wall", "2nd block: recompiles? compile s wall",
+            "loss diff vs eager first / last (rel; floor: / target energy)", "graphs / breaks"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        for precision, per in r.get("compile", {}).items():
+            for m in methods:
+                c = per.get(m)
+                if c is None:
+                    continue
+                e = r["precisions"][precision][m]
+                if "error" in c:
+                    lines.append("| " + " | ".join([r["block"], precision, m, f"{e['cpu_s'] * 1e3:.0f}",
+                                                    f"failed: {c['error'][:120]}", "-", "-", "-", "-", "-"]) + " |")
+                    continue
+                s = c["second_block"]
+                key = "loss_diff_over_target" if m == "floor" else "loss_rel_diff"  # floor: loss is ~0 (noise)
+                lines.append("| " + " | ".join([
+                    r["block"], precision, m, f"{e['cpu_s'] * 1e3:.0f}", f"{c['cpu_s'] * 1e3:.0f}",
+                    f"{c['x_eager_cpu']:.2f}x", f"{c['compile_wall_s']:.1f} ({c['compile_cpu_s']:.1f})",
+                    f"{c['eval_forward']['compile_wall_s']:.1f}",
+                    f"{'yes' if s['recompiled'] else 'no'}, {s['compile_wall_s'] + s['eval_forward']['compile_wall_s']:.1f}"
+                    + (f" (fx cache hits {s['counters']['fxgraph_cache_hit']})" if s["recompiled"] else ""),
+                    f"{c[key + '_first']:.1e} / {c[key + '_last']:.1e}",
+                    f"{c['counters']['unique_graphs']} / {c['counters']['graph_breaks']}"]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
@@ -273,18 +662,47 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed iterations per method (median reported)")
     parser.add_argument("--lightning-steps", type=int, default=10, help="0 skips the Trainer.fit comparison")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--precision", nargs="+", default=["32-true"], choices=list(PRECISIONS),
+                        help="training-step precision(s), as Lightning's trainer.precision on CPU; "
+                             "both: bf16/fp32 time ratios and the numerical effect")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile'd student and floor blocks (each precision)")
+    parser.add_argument("--quality-steps", type=int, default=0,
+                        help="also train N steps per precision (cosine) and compare the final hard loss (fp32 eval)")
+    parser.add_argument("--quality-lr", type=float, default=1e-3, help="Adam lr of --quality-steps")
+    parser.add_argument("--compile-cache", action="store_true",
+                        help="keep inductor's default (warm) cache directory instead of a fresh one")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "iteration_cost.json"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = run(args.families, args.methods, args.scale, args.warmup, args.steps, args.lightning_steps)
+    precisions = list(dict.fromkeys(args.precision))
+    if args.compile:
+        import torch._inductor.config as icfg
+
+        icfg.compile_threads = 1  # in-process: the C++ compiler runs as a waited-for child (CPU time counted)
+        if not args.compile_cache:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="iteration_cost_inductor_")
+    result = run(args.families, args.methods, args.scale, args.warmup, args.steps, args.lightning_steps,
+                 precisions, args.compile, args.quality_steps, args.quality_lr)
     result["argv"] = sys.argv[1:]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    md = table(result, args.methods)
-    print(md)
+    print(table(result, args.methods))
+    if any("bf16_vs_fp32" in r for r in result["rows"]):
+        print()
+        print(precision_table(result, args.methods))
+    if args.quality_steps > 0:
+        print()
+        print(quality_table(result, precisions))
+    if args.compile:
+        cs = result["compile_settings"]
+        print()
+        print(f"first compilation of the process (tiny Linear, imports + inductor start-up): "
+              f"{cs['first_compile_of_process_wall_s']:.1f} s wall, {cs['first_compile_of_process_cpu_s']:.1f} s CPU")
+        print(compile_table(result, args.methods))
     print(f"written: {args.out}")
 
 

@@ -36,6 +36,7 @@ from flexround_pl.export.checkpoint import (
     state_dict_nbytes,
 )
 from flexround_pl.export.fake_quant import EXPORT_DIR, export_fake_quant
+from flexround_pl.models import lazy
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.driver import quantize_blocks, quantize_outside_blocks
@@ -253,7 +254,8 @@ def run(
         model.source.check()
         prepare(model, datamodule)
     assert model.net is not None and model.arch is not None
-    fp_nbytes = state_dict_nbytes(model.net)
+    # lazy models: the size from shapes and dtypes, nothing read
+    fp_nbytes = lazy.fp_nbytes(model.net) if lazy.is_lazy(model.net) else state_dict_nbytes(model.net)
     quant, recon = model.quant, model.reconstruction
     log(
         f"flexround_pl: {model.source.describe()} ({model.arch.name}), method={quant.method}, "
@@ -303,6 +305,7 @@ def run(
     ckpt_nbytes = save_quantized(model.net, ckpt, meta) if is_rank_zero() else 0
     log(f"quantized checkpoint: {ckpt} ({ckpt_nbytes / 2**20:.2f} MiB, FP {fp_nbytes / 2**20:.2f} MiB)")
     if export and is_rank_zero():
+        lazy.materialize(model.net)  # lazy models: the export needs every dequantized weight at once
         out = export_fake_quant(model.net, os.path.join(settings.root, EXPORT_DIR), model.source.load_tokenizer(),
                                 {k: meta[k] for k in ("method", "bits", "granularity", "model", "architecture")})
         log(f"plain-FP export (dequantized weights): {out}")

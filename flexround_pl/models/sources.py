@@ -75,6 +75,9 @@ class HFModel(ModelSource):
         gguf_file: a GGUF file inside ``name_or_path``; transformers dequantizes it
             (see ``flexround_pl.models.gguf`` for the cached conversion).
         revision: hub revision.
+        lazy: build the model on the ``meta`` device and read each block from the
+            ``*.safetensors`` shards only while it runs (see ``flexround_pl.models.lazy``):
+            memory stays about one FP block, for models larger than RAM.
     """
 
     def __init__(
@@ -83,18 +86,26 @@ class HFModel(ModelSource):
         task: Literal["sequence-classification", "causal-lm"] = "sequence-classification",
         gguf_file: Optional[str] = None,
         revision: Optional[str] = None,
+        lazy: bool = False,
     ) -> None:
         self.name_or_path = name_or_path
         self.task = task
         self.gguf_file = gguf_file
         self.revision = revision
+        self.lazy = lazy
 
     def describe(self) -> str:
         return self.name_or_path + (f" ({self.gguf_file})" if self.gguf_file else "")
 
     def check(self) -> None:
         path = os.path.expanduser(self.name_or_path)
+        if self.lazy and self.gguf_file:
+            raise ValueError("lazy: true reads *.safetensors shards; it cannot load a GGUF file (set lazy: false)")
         if os.path.isdir(path):
+            if self.lazy:
+                from flexround_pl.models.lazy import Shards
+
+                Shards(path)  # ValueError if the directory has no safetensors files
             return
         # A hub id is "name" or "org/name"; anything else is meant as a path.
         if path.startswith((".", "/")) or path.count("/") > 1:
@@ -118,7 +129,21 @@ class HFModel(ModelSource):
         import transformers
 
         path = os.path.expanduser(self.name_or_path)
-        if self.gguf_file:
+        if self.lazy:
+            from flexround_pl.models import lazy
+
+            self.check()
+            if not os.path.isdir(path):  # a hub id: download the shards (to disk, not to memory)
+                from huggingface_hub import snapshot_download
+
+                path = snapshot_download(path, revision=self.revision, allow_patterns=["*.json", "*.safetensors"])
+            model = lazy.load(path, self.task)
+            if self.task == "sequence-classification" and num_labels is not None and model.config.num_labels != num_labels:
+                raise ValueError(
+                    f"model {self.name_or_path!r} has {model.config.num_labels} labels but the data has "
+                    f"{num_labels}; use a checkpoint fine-tuned for this task"
+                )
+        elif self.gguf_file:
             from flexround_pl.models.gguf import load_gguf_causal_lm
 
             model = load_gguf_causal_lm(path, self.gguf_file)

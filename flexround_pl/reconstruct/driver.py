@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import math
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from flexround_pl.models import lazy
 from flexround_pl.models.adapter import Architecture
 from flexround_pl.quant.config import QuantConfig
 from flexround_pl.quant.surgery import (
@@ -147,6 +149,7 @@ def quantize_blocks(
         tag = f"block_{i:02d}"
         L.seed_everything(recon.seed + i, verbose=False)
 
+        lazy.pin(block)  # a lazily loaded block: resident (read from the shards) until released below
         teacher = copy.deepcopy(block).eval().requires_grad_(False).to(device)
         cache.compute_targets(teacher, device, recon.eval_batch_size)
         saved = state.finished(i, name) if state is not None else None
@@ -156,6 +159,7 @@ def quantize_blocks(
             block.to(device)
             cache.advance(block, device, recon.eval_batch_size)
             block.cpu()
+            lazy.release(block)
             del teacher
             results.append(BlockResult(**{f.name: saved.get(f.name) for f in dataclasses.fields(BlockResult)}))
             log(f"block {i + 1}/{len(blocks)} {name}: finished by an earlier run, reloaded")
@@ -185,6 +189,10 @@ def quantize_blocks(
                 best_step = keep.best_step
             else:
                 best_step = steps
+            # the trainer and the module reference each other: free the teacher copy, gradients and
+            # optimizer states now, not whenever the cyclic GC runs (else they pile up over blocks)
+            del module, trainer, keep
+            gc.collect()
 
         set_hard(block, True)
         harden_modules(block)
@@ -198,6 +206,7 @@ def quantize_blocks(
         results.append(result)
         if state is not None:
             state.save_block(i, name, block, dataclasses.asdict(result))
+        lazy.release(block)  # lazy: the dequantized weight caches go back to meta, the codes stay
         log(
             f"block {i + 1}/{len(blocks)} {name}: {len(swapped)} layers, loss {loss_start:.4g} -> "
             f"{loss_end:.4g} ({result.seconds:.1f} s)"
