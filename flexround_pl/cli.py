@@ -93,14 +93,8 @@ class FlexRoundCLI(LightningCLI):
         with pipeline.quiet_lightning():
             return super().instantiate_trainer(**kwargs)
 
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "fit":  # --fresh / --export mean nothing to validate / test
-            self._add_fit_arguments(parser)
-        return parser
-
-    @staticmethod
-    def _add_fit_arguments(parser: LightningArgumentParser) -> None:
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # On every subcommand, not only fit: validate / test read the run's config.yaml, which has them.
         parser.add_argument(
             "--fresh", type=bool, default=False,
             help="fit: discard the resume state and outputs of the run directory and start over "

@@ -101,10 +101,7 @@ def test_print_config_shows_overrides(tmp_path, tiny_bert_dir, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_fit_only_options_and_subcommands(capsys):
-    with pytest.raises(SystemExit):
-        main(["validate", "--help"])
-    assert "--fresh" not in capsys.readouterr().out  # fit-only options stay off validate / test
+def test_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     out = capsys.readouterr().out

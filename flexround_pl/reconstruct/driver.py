@@ -189,8 +189,9 @@ def quantize_blocks(
                 best_step = keep.best_step
             else:
                 best_step = steps
-            # the trainer and the module reference each other: free the teacher copy, gradients and
-            # optimizer states now, not whenever the cyclic GC runs (else they pile up over blocks)
+            # the trainer, the module and the data module reference each other: free the teacher copy,
+            # gradients and optimizer states now, not whenever the cyclic GC runs (they pile up over blocks)
+            dm.trainer = None
             del module, trainer, keep
             gc.collect()
 
