@@ -36,6 +36,9 @@ batches, quantized layers from ``quantize_modules``, ``training_forward``,
   timed iteration, same start). Inductor runs with ``compile_threads = 1``
   (in-process, so the C++ compiler's CPU time is counted as children time)
   and a fresh cache directory per run (cold compile, unless ``--compile-cache``).
+  ``--compile-resnet-blocks`` also walks the 8 BasicBlocks of ResNet-18 (three
+  shapes / strides, with and without downsample) the same way, to count
+  recompilations across block configurations.
 
 Timings: median over ``--steps`` timed iterations after ``--warmup``, wall
 (``time.perf_counter``) and CPU (``time.process_time``, all threads of the
@@ -417,6 +420,67 @@ def _compiled(method: str, teacher: nn.Module, second_teacher: nn.Module, batch:
     return out
 
 
+def _compile_resnet_blocks(batch_size: int = 2) -> list[dict[str, Any]]:
+    """Every BasicBlock of ResNet-18 in turn, as the driver would walk them (no ``torch._dynamo.reset()``):
+    compile a FlexRound student, one training step, then the two validation forwards the product runs
+    (Lightning's under ``torch.inference_mode``, the driver's ``block_loss`` under ``torch.no_grad``)."""
+    import logging
+
+    import torch._dynamo
+    import torchvision
+    from torch._dynamo.utils import counters
+
+    from flexround_pl.models.cnn import prepare_resnet
+    from flexround_pl.quant.surgery import set_hard
+
+    messages: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = _Keep()
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = prepare_resnet(torchvision.models.resnet18().eval())
+    blocks = [(f"layer{i}.{j}", getattr(net, f"layer{i}")[j]) for i in range(1, 5) for j in range(2)]
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [b.register_forward_hook(lambda m, a, o, n=n: inputs.__setitem__(n, a[0].detach())) for n, b in blocks]
+    with torch.no_grad():
+        net(torch.randn(batch_size, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    out = []
+    try:
+        for name, block in blocks:
+            x = inputs[name]
+            with torch.no_grad():
+                y = block(x)
+            student = copy.deepcopy(block)
+            quantize_modules(student, _quant_config("flexround"))
+            student.compile()
+            f0, n0, w0 = counters["frames"]["ok"], len(messages), time.perf_counter()
+            reconstruction_loss(student(x), y).backward()
+            w1 = time.perf_counter()
+            set_hard(student, True)
+            with torch.inference_mode():
+                student(x)
+            with torch.no_grad():
+                student(x)
+            set_hard(student, False)
+            out.append({"block": name, "input": list(x.shape), "frames_compiled": counters["frames"]["ok"] - f0,
+                        "first_step_wall_s": w1 - w0, "evals_wall_s": time.perf_counter() - w1,
+                        "recompile_limit_hit": any("recompile_limit" in m for m in messages[n0:])})
+            print(f"  resnet-18 {name} {tuple(x.shape)}: {out[-1]['frames_compiled']} graphs compiled, "
+                  f"first step {out[-1]['first_step_wall_s']:.1f} s, evals {out[-1]['evals_wall_s']:.1f} s"
+                  + (", recompile limit hit (eager from here on)" if out[-1]["recompile_limit_hit"] else ""),
+                  flush=True)
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+    return out
+
+
 # ---- Lightning ------------------------------------------------------------------------
 
 
@@ -670,6 +734,8 @@ def main() -> None:
     parser.add_argument("--quality-steps", type=int, default=0,
                         help="also train N steps per precision (cosine) and compare the final hard loss (fp32 eval)")
     parser.add_argument("--quality-lr", type=float, default=1e-3, help="Adam lr of --quality-steps")
+    parser.add_argument("--compile-resnet-blocks", action="store_true",
+                        help="with --compile: compile all 8 BasicBlocks of ResNet-18 in turn (recompilations)")
     parser.add_argument("--compile-cache", action="store_true",
                         help="keep inductor's default (warm) cache directory instead of a fresh one")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "iteration_cost.json"))
@@ -678,6 +744,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     precisions = list(dict.fromkeys(args.precision))
+    if args.compile_resnet_blocks and not args.compile:
+        parser.error("--compile-resnet-blocks needs --compile")
     if args.compile:
         import torch._inductor.config as icfg
 
@@ -686,6 +754,8 @@ def main() -> None:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="iteration_cost_inductor_")
     result = run(args.families, args.methods, args.scale, args.warmup, args.steps, args.lightning_steps,
                  precisions, args.compile, args.quality_steps, args.quality_lr)
+    if args.compile_resnet_blocks:
+        result["compile_resnet18_blocks"] = _compile_resnet_blocks()
     result["argv"] = sys.argv[1:]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
