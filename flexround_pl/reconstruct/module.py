@@ -127,7 +127,9 @@ class BlockReconstruction(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         set_hard(self.student, True)
         try:
-            loss = reconstruction_loss(self(batch), batch["targets"], batch.get("loss_mask"))
+            # fp32 even under bf16-mixed: KeepBestParameters compares this with the driver's fp32 losses
+            with torch.autocast(self.device.type, enabled=False):
+                loss = reconstruction_loss(self(batch), batch["targets"], batch.get("loss_mask"))
         finally:
             set_hard(self.student, False)
         # under DDP each rank validates its shard: average the ranks' means (equal shard sizes)
