@@ -81,3 +81,24 @@ def test_padded_and_unpadded_batches_mix(tiny_bert_dir):
     h.remove()
     cache.compute_targets(block, torch.device("cpu"), batch_size=3)
     torch.testing.assert_close(cache.targets, torch.cat(seen), atol=1e-5, rtol=1e-5)
+
+
+def test_advance_scores_exactly_like_block_loss(tiny_bert_dir):
+    """The driver's fused advance + loss equals block_loss over the validation loader, bit for bit."""
+    from flexround_pl.quant.config import QuantConfig
+    from flexround_pl.quant.surgery import harden_modules, quantize_modules
+    from flexround_pl.reconstruct.data import BlockDataModule
+    from flexround_pl.reconstruct.driver import _advance_and_score
+    from flexround_pl.reconstruct.module import block_loss
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
+    arch = find_architecture(model)
+    block = arch.blocks(model)[0][1]
+    cache = CalibrationCache.capture(lambda inp: arch.forward(model, inp), block, _batches())
+    cache.compute_targets(copy.deepcopy(block), torch.device("cpu"), batch_size=5)
+    quantize_modules(block, QuantConfig(method="rtn"))
+    harden_modules(block)
+    expected = block_loss(block, BlockDataModule(cache, 4, 5, 0).val_dataloader(), torch.device("cpu"))
+    assert expected > 0
+    assert _advance_and_score(cache, block, torch.device("cpu"), 5) == expected
+    assert cache.targets is None  # advanced: the targets became the next block's FP inputs

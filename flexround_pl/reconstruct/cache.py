@@ -359,13 +359,22 @@ class CalibrationCache:
     # -- running a block over the whole cache ---------------------------------
 
     @torch.no_grad()
-    def apply(self, block: nn.Module, inputs: Tensor, device: torch.device, batch_size: int) -> Tensor:
-        """``block`` applied to every row of ``inputs``; result (float32) on CPU, in the cache's storage."""
+    def apply(
+        self, block: nn.Module, inputs: Tensor, device: torch.device, batch_size: int,
+        each: Optional[Callable[[Tensor, Tensor], None]] = None,
+    ) -> Tensor:
+        """``block`` applied to every row of ``inputs``; result (float32) on CPU, in the cache's storage.
+
+        ``each(index, output)`` is called for every batch (e.g. to score the
+        outputs while they are on the device, without a second pass).
+        """
         result: Optional[Tensor] = None
         for start in range(0, len(self), batch_size):
             index = torch.arange(start, min(start + batch_size, len(self)))
             args, kwargs = to_device(self.call_args(index), device)
             out = block_output(block(inputs[index].to(device), *args, **kwargs)).detach()
+            if each is not None:
+                each(index, out)
             if result is None:
                 result = self.storage.empty((len(self), *out.shape[1:]), torch.float32)
             result[start:start + out.shape[0]].copy_(out)  # = out.float().cpu(), written in place
@@ -376,11 +385,17 @@ class CalibrationCache:
         """FP outputs of the current block: the reconstruction targets."""
         self.targets = self.apply(teacher, self.fp_inputs, device, batch_size)
 
-    def advance(self, hardened_block: nn.Module, device: torch.device, batch_size: int) -> None:
-        """Move on to the next block: FP targets become FP inputs; quantized inputs go through the hardened block."""
+    def advance(
+        self, hardened_block: nn.Module, device: torch.device, batch_size: int,
+        each: Optional[Callable[[Tensor, Tensor], None]] = None,
+    ) -> None:
+        """Move on to the next block: FP targets become FP inputs; quantized inputs go through the hardened block.
+
+        ``each(index, output)``: see :meth:`apply`; ``self.targets`` still holds this block's targets then.
+        """
         if self.targets is None:
             raise RuntimeError("compute_targets must run before advance")
-        self.q_inputs = self.apply(hardened_block, self.q_inputs, device, batch_size)
+        self.q_inputs = self.apply(hardened_block, self.q_inputs, device, batch_size, each)
         self.fp_inputs, self.targets = self.targets, None
 
     def nbytes(self) -> int:

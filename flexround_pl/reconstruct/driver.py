@@ -43,6 +43,7 @@ from flexround_pl.reconstruct.data import BlockDataModule
 from flexround_pl.reconstruct.module import (
     BlockReconstruction,
     block_loss,
+    reconstruction_loss,
     calibrate_block_activations,
 )
 
@@ -120,6 +121,25 @@ def _hard_loss(block: nn.Module, dm: BlockDataModule, device: torch.device) -> f
         set_hard(block, False)
 
 
+def _advance_and_score(cache: CalibrationCache, block: nn.Module, device: torch.device, batch_size: int) -> float:
+    """``cache.advance`` through the hardened block, returning its loss on the same outputs.
+
+    The same batches and arithmetic as :func:`block_loss` on the block's
+    validation loader, without running the block over the calibration set twice.
+    """
+    total, count = 0.0, 0
+
+    def score(index: torch.Tensor, out: torch.Tensor) -> None:
+        nonlocal total, count
+        assert cache.targets is not None
+        mask = cache.loss_mask[index].to(device) if cache.loss_mask is not None else None
+        total += float(reconstruction_loss(out, cache.targets[index].to(device), mask)) * len(index)
+        count += len(index)
+
+    cache.advance(block, device, batch_size, each=score)
+    return total / max(count, 1)
+
+
 def quantize_blocks(
     model: nn.Module,
     arch: Architecture,
@@ -168,11 +188,14 @@ def quantize_blocks(
         block.to(device)
         calibrate_block_activations(block, cache, device, recon.eval_batch_size, quant.activation.init_samples)
         dm = BlockDataModule(cache, recon.batch_size, recon.eval_batch_size, recon.seed + i)
-        loss_start = _hard_loss(block, dm, device)
-        _check_finite(loss_start, i, len(blocks), name, 0, recon.lr)
+        train = bool(learnable_parameters(block)) and max_steps > 0
+        loss_start: Optional[float] = None  # without training it equals loss_end: one pass fewer
+        if train:
+            loss_start = _hard_loss(block, dm, device)
+            _check_finite(loss_start, i, len(blocks), name, 0, recon.lr)
 
         best_step, steps = 0, 0
-        if learnable_parameters(block) and max_steps > 0:
+        if train:
             module = BlockReconstruction(
                 teacher, block, recon.lr, tag=tag, act_lr=quant.activation.lr,
                 qdrop_p=recon.effective_qdrop_p(quant.activation.bits is not None),
@@ -197,9 +220,10 @@ def quantize_blocks(
 
         set_hard(block, True)
         harden_modules(block)
-        loss_end = block_loss(block, dm.val_dataloader(), device)
+        loss_end = _advance_and_score(cache, block, device, recon.eval_batch_size)
         _check_finite(loss_end, i, len(blocks), name, steps, recon.lr)
-        cache.advance(block, device, recon.eval_batch_size)
+        if loss_start is None:
+            loss_start = loss_end
         block.cpu()
         del teacher
 
