@@ -109,3 +109,19 @@ def test_subcommands(capsys):
     assert main(["predict"]) == 2  # no predict subcommand: one error line, exit 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "predict" in err[0]
+
+
+@pytest.mark.parametrize("evaluations, hard_loss_passes", [(2, 1), (0, 2)])
+def test_final_validation_is_reused_not_recomputed(tmp_path, tiny_bert_dir, monkeypatch, evaluations,
+                                                   hard_loss_passes):
+    """With validation at the last step, the driver's best-vs-last check costs no extra pass over the data."""
+    from flexround_pl.reconstruct import driver
+
+    calls = []
+    original = driver._hard_loss
+    monkeypatch.setattr(driver, "_hard_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
+    cfg = write_config(tmp_path, tiny_bert_dir)
+    assert main(["fit", "--config", cfg, "--model.reconstruction.evaluations", str(evaluations)]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(calls) == hard_loss_passes * len(results["blocks"])  # loss_start (+ last without validation)
+    assert all(b["loss_end"] < b["loss_start"] for b in results["blocks"])

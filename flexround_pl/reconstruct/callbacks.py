@@ -23,6 +23,7 @@ class KeepBestParameters(L.Callback):
         self.monitor = monitor
         self.best = initial_loss
         self.best_step = 0
+        self.last: Optional[tuple[int, float]] = None  # (step, loss) of the latest validation
         self._snapshot: Optional[list[torch.Tensor]] = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -33,6 +34,7 @@ class KeepBestParameters(L.Callback):
         if value is None:
             return
         value = float(value)
+        self.last = (trainer.global_step, value)
         if math.isfinite(value) and value < self.best:
             self.best, self.best_step = value, trainer.global_step
             self._snapshot = [p.detach().clone() for p in pl_module.params]

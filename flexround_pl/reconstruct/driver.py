@@ -206,7 +206,10 @@ def quantize_blocks(
             trainer.fit(module, datamodule=dm)
             steps = trainer.global_step
             block.to(device)
-            last = _hard_loss(block, dm, device)
+            if keep.last is not None and keep.last[0] == steps:
+                last = keep.last[1]  # validated at the final step already: no extra pass
+            else:
+                last = _hard_loss(block, dm, device)
             if not math.isfinite(last) or keep.best < last:
                 keep.restore(module)
                 best_step = keep.best_step
