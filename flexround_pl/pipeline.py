@@ -133,6 +133,19 @@ class TrainerSettings:
             return trainer
 
 
+class _PhaseClock:
+    """Wall and process-CPU seconds between successive ``lap(name)`` calls."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, dict[str, float]] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.laps[name] = {"seconds": wall - self._wall, "cpu_seconds": cpu - self._cpu}
+        self._wall, self._cpu = wall, cpu
+
+
 def evaluate(
     model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, stage: str = "validate",
     reference: bool = False,
@@ -262,10 +275,12 @@ def run(
         f"W{quant.weight.bits} {quant.weight.granularity}, {settings.max_steps} steps/block"
     )
 
+    phases = _PhaseClock()  # wall / CPU seconds per phase, for results.json
     fp_metrics: dict[str, float] = {}
     if model.evaluate_fp:
         fp_metrics = evaluate(model, datamodule, settings, reference=True)
         log(f"FP metrics: {_fmt(fp_metrics)}")
+    phases.lap("fp_eval")
 
     device = settings.eval_trainer().strategy.root_device
     blocks = model.arch.blocks(model.net)
@@ -290,9 +305,11 @@ def run(
     )  # activation quantizers outside blocks (e.g. a CNN's last layer input)
     n_calibration = len(cache)
     del cache
+    phases.lap("quantize")  # calibration capture + every block + outside-block RTN
 
     q_metrics = evaluate(model, datamodule, settings)
     log(f"quantized metrics: {_fmt(q_metrics)}" + (f"  (FP {_fmt(fp_metrics)})" if fp_metrics else ""))
+    phases.lap("quantized_eval")
 
     ckpt = os.path.join(settings.root, CHECKPOINT_NAME)
     meta = {
@@ -334,6 +351,7 @@ def run(
         "resumed_blocks": resumed,
         "seconds_total": time.perf_counter() - t0,
         "cpu_seconds_total": time.process_time() - cpu0,  # all threads; wall time on a busy machine misleads
+        "phases": phases.laps,  # {"fp_eval" | "quantize" | "quantized_eval": {"seconds", "cpu_seconds"}}
         "peak_rss_mb": peak_rss_mb(),
     }
     if is_rank_zero():
