@@ -38,10 +38,11 @@ def run_one(config: str, method: str, bits: int, root: str, extra: list[str]) ->
 def table(rows: list[dict]) -> str:
     metrics = sorted({k for r in rows for k in r["quantized"]})
     fp_metrics = sorted({k for r in rows for k in r["fp"]})  # fp_agreement exists only for the quantized model
-    head = ["method", "W", "granularity", "steps/block"] + [f"FP {m}" for m in fp_metrics] + metrics + ["time (s)", "peak RSS (MB)"]
+    head = ["method", "W", "granularity", "steps/block", "lr"] + [f"FP {m}" for m in fp_metrics] + metrics + ["time (s)", "peak RSS (MB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], str(r["w_bits"]), r["granularity"], str(r["max_steps"] if r["method"] != "rtn" else 0)]
+        cells = [r["method"], str(r["w_bits"]), r["granularity"], str(r["max_steps"] if r["method"] != "rtn" else 0),
+                 "—" if r["method"] == "rtn" else f"{r['lr']:g}"]
         cells += [f"{r['fp'].get(m, float('nan')):.4f}" for m in fp_metrics]
         cells += [f"{r['quantized'].get(m, float('nan')):.4f}" for m in metrics]
         cells += [f"{r['seconds_total']:.0f}", f"{r['peak_rss_mb']:.0f}"]
