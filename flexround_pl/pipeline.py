@@ -156,12 +156,9 @@ def evaluate(
     later pass on the same loader adds ``fp_agreement`` to its metrics.
     """
     trainer = settings.eval_trainer()
-    model.record_reference = reference
-    try:
-        with quiet_lightning():
-            getattr(trainer, stage)(model, datamodule=datamodule, verbose=False)
-    finally:
-        model.record_reference = False
+    model.agreement.start(record=reference)
+    with quiet_lightning():
+        getattr(trainer, stage)(model, datamodule=datamodule, verbose=False)
     return dict(model.last_metrics)
 
 
@@ -267,8 +264,7 @@ def run(
         model.source.check()
         prepare(model, datamodule)
     assert model.net is not None and model.arch is not None
-    # lazy models: the size from shapes and dtypes, nothing read
-    fp_nbytes = lazy.fp_nbytes(model.net) if lazy.is_lazy(model.net) else state_dict_nbytes(model.net)
+    fp_nbytes = state_dict_nbytes(model.net)  # from shapes and dtypes: reads nothing of a lazy model
     quant, recon = model.quant, model.reconstruction
     log(
         f"flexround_pl: {model.source.describe()} ({model.arch.name}), method={quant.method}, "

@@ -50,7 +50,6 @@ class PTQModel(L.LightningModule):
         self.task_metrics: Optional[nn.Module] = None
         self.last_metrics: dict[str, float] = {}
         self.agreement = FPAgreement()  # quantized vs FP predictions (``fp_agreement``)
-        self.record_reference = False  # set by pipeline.evaluate for the FP pass
 
     def load(self, num_labels: Optional[int] = None) -> nn.Module:
         """Load the FP network and run its adapter's one-off preparation."""
@@ -83,7 +82,6 @@ class PTQModel(L.LightningModule):
             self.task_metrics = self.trainer.datamodule.metrics()
         self.task_metrics.to(self.device)
         self.task_metrics.reset()
-        self.agreement.start(record=self.record_reference)
 
     def _eval_end(self) -> None:
         self.last_metrics = {k: float(v) for k, v in self.task_metrics.compute().items()}

@@ -90,11 +90,15 @@ def _digest(tensors: dict[str, Tensor]) -> str:
 
 
 def state_dict_nbytes(module: nn.Module) -> int:
-    """Bytes of ``module``'s state dict, each shared tensor counted once (an FP checkpoint's size)."""
+    """Bytes of ``module``'s state dict, each shared tensor counted once (an FP checkpoint's size).
+
+    Works from shapes and dtypes alone, so a lazily loaded model (blocks on
+    ``meta``) is sized without reading a weight.
+    """
     seen: set = set()
     total = 0
-    for t in module.state_dict().values():
-        key = _view_key(t)
+    for t in module.state_dict(keep_vars=True).values():
+        key = ("meta", id(t)) if t.is_meta else _view_key(t)  # every meta tensor has data_ptr 0
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()

@@ -293,7 +293,7 @@ def pin(block: nn.Module) -> None:
     _pin(block)
 
 
-def _pin(block: nn.Module) -> None:
+def _pin(block: nn.Module) -> None:  # the hooks' own entry point, apart from the driver's pin()
     state = _BLOCKS.get(block)
     if state is None:
         return
@@ -321,8 +321,9 @@ def materialize(model: nn.Module) -> nn.Module:
 
 def fp_nbytes(model: nn.Module) -> int:
     """Bytes of the FP state dict from shapes and dtypes alone (no weight is read); tied tensors count once."""
-    unique = {id(t): t for t in model.state_dict(keep_vars=True).values()}
-    return sum(t.numel() * t.element_size() for t in unique.values())
+    from flexround_pl.export.checkpoint import state_dict_nbytes
+
+    return state_dict_nbytes(model)
 
 
 def resident_nbytes(model: nn.Module) -> int:

@@ -42,8 +42,8 @@ from flexround_pl.reconstruct.config import ReconstructionConfig
 from flexround_pl.reconstruct.data import BlockDataModule
 from flexround_pl.reconstruct.module import (
     BlockReconstruction,
+    LossMean,
     block_loss,
-    reconstruction_loss,
     calibrate_block_activations,
 )
 
@@ -127,17 +127,15 @@ def _advance_and_score(cache: CalibrationCache, block: nn.Module, device: torch.
     The same batches and arithmetic as :func:`block_loss` on the block's
     validation loader, without running the block over the calibration set twice.
     """
-    total, count = 0.0, 0
+    mean = LossMean()
 
     def score(index: torch.Tensor, out: torch.Tensor) -> None:
-        nonlocal total, count
         assert cache.targets is not None
         mask = cache.loss_mask[index].to(device) if cache.loss_mask is not None else None
-        total += float(reconstruction_loss(out, cache.targets[index].to(device), mask)) * len(index)
-        count += len(index)
+        mean.add(out, cache.targets[index].to(device), mask)
 
     cache.advance(block, device, batch_size, each=score)
-    return total / max(count, 1)
+    return mean.value
 
 
 def quantize_blocks(
@@ -188,14 +186,11 @@ def quantize_blocks(
         block.to(device)
         calibrate_block_activations(block, cache, device, recon.eval_batch_size, quant.activation.init_samples)
         dm = BlockDataModule(cache, recon.batch_size, recon.eval_batch_size, recon.seed + i)
-        train = bool(learnable_parameters(block)) and max_steps > 0
         loss_start: Optional[float] = None  # without training it equals loss_end: one pass fewer
-        if train:
+        best_step, steps = 0, 0
+        if learnable_parameters(block) and max_steps > 0:
             loss_start = _hard_loss(block, dm, device)
             _check_finite(loss_start, i, len(blocks), name, 0, recon.lr)
-
-        best_step, steps = 0, 0
-        if train:
             module = BlockReconstruction(
                 teacher, block, recon.lr, tag=tag, act_lr=quant.activation.lr,
                 qdrop_p=recon.effective_qdrop_p(quant.activation.bits is not None),

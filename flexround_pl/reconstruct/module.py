@@ -151,14 +151,28 @@ class BlockReconstruction(L.LightningModule):
 @torch.no_grad()
 def block_loss(block: nn.Module, batches: Any, device: torch.device) -> float:
     """Sample-weighted mean of :func:`reconstruction_loss` over ``batches``, as validation logs it."""
-    total, count = 0.0, 0
+    mean = LossMean()
     for batch in batches:
         batch = to_device(batch, device)
         pred = block_output(block(batch["q_inputs"], *batch["args"], **batch["kwargs"]))
-        n = batch["q_inputs"].shape[0]
-        total += float(reconstruction_loss(pred, batch["targets"], batch.get("loss_mask"))) * n
-        count += n
-    return total / max(count, 1)
+        mean.add(pred, batch["targets"], batch.get("loss_mask"))
+    return mean.value
+
+
+class LossMean:
+    """Sample-weighted mean of :func:`reconstruction_loss` over batches (``value``; 0 before any batch)."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, pred: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> None:
+        n = pred.shape[0]
+        self.total += float(reconstruction_loss(pred, target, mask)) * n
+        self.count += n
+
+    @property
+    def value(self) -> float:
+        return self.total / max(self.count, 1)
 
 
 
