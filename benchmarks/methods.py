@@ -35,13 +35,20 @@ def run_one(config: str, method: str, bits: int, root: str, extra: list[str]) ->
     return results
 
 
+def _a_bits(row: dict) -> str:
+    """Activation bits, ``16`` for FP activations, ``/token`` for per-token dynamic."""
+    if row.get("a_bits") is None:
+        return "16"
+    return f"{row['a_bits']}" + ("/token" if row.get("a_granularity") == "token" else "")
+
+
 def table(rows: list[dict]) -> str:
     metrics = sorted({k for r in rows for k in r["quantized"]})
     fp_metrics = sorted({k for r in rows for k in r["fp"]})  # fp_agreement exists only for the quantized model
-    head = ["method", "W", "granularity", "steps/block", "lr"] + [f"FP {m}" for m in fp_metrics] + metrics + ["time (s)", "peak RSS (MB)"]
+    head = ["method", "W", "A", "granularity", "steps/block", "lr"] + [f"FP {m}" for m in fp_metrics] + metrics + ["time (s)", "peak RSS (MB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], str(r["w_bits"]), r["granularity"], str(r["max_steps"] if r["method"] != "rtn" else 0),
+        cells = [r["method"], str(r["w_bits"]), _a_bits(r), r["granularity"], str(r["max_steps"] if r["method"] != "rtn" else 0),
                  "—" if r["method"] == "rtn" else f"{r['lr']:g}"]
         cells += [f"{r['fp'].get(m, float('nan')):.4f}" for m in fp_metrics]
         cells += [f"{r['quantized'].get(m, float('nan')):.4f}" for m in metrics]

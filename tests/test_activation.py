@@ -181,3 +181,68 @@ def test_quantized_input_reaches_the_layer_and_hardened_state_dict_is_complete()
     assert fresh.hardened
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
+# ---- per-token dynamic quantization (granularity: token) ----------------------
+
+
+def _token_quantizer(bits=8, feature_dim=-1, **cfg) -> ActivationQuantizer:
+    return ActivationQuantizer(bits, ActivationConfig(bits=bits, granularity="token", **cfg), feature_dim=feature_dim)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_per_token_grid_follows_each_token_so_an_outlier_token_costs_the_others_nothing(symmetric):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 32)
+    x[0, 0, 3] = 2000.0  # one massive activation (as at token 0 of LLMs)
+    q = _token_quantizer(bits=8, symmetric=symmetric)
+    err = (q(x) - x).abs()
+    levels = 2**8 - 1 if not symmetric else 2**7 - 1
+    lo, hi = x.amin(-1, keepdim=True).clamp_max(0), x.amax(-1, keepdim=True).clamp_min(0)
+    step = (hi - lo) / levels if not symmetric else torch.maximum(hi, -lo * levels / 2**7) / levels
+    assert bool((err <= step / 2 + 1e-6).all())  # every element rounds to its token's grid
+    others = torch.ones(2, 6, dtype=torch.bool)
+    others[0, 0] = False
+    per_tensor = _calibrated(x, bits=8, init="minmax", symmetric=symmetric)
+    with torch.no_grad():
+        assert float(err[others].max()) < 0.05 * float((per_tensor(x) - x).abs()[others].max())
+
+
+def test_per_token_of_a_conv_input_is_per_pixel_over_channels():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 5)
+    x[:, :, 0, 0] *= 100  # one loud pixel
+    q = _token_quantizer(bits=4, feature_dim=1)
+    step = (x.amax(1, keepdim=True).clamp_min(0) - x.amin(1, keepdim=True).clamp_max(0)) / 15
+    assert bool(((q(x) - x).abs() <= step / 2 + 1e-5).all())
+
+
+def test_per_token_needs_no_calibration_learns_nothing_and_passes_gradients_straight_through():
+    layer = QuantLinear(nn.Linear(16, 8), QuantConfig(weight=GridConfig(bits=4), activation=ActivationConfig(bits=8, granularity="token")))
+    assert activation_parameters(layer) == []
+    assert calibrate_activations(layer, lambda: layer(torch.randn(3, 16))) == 0
+    x = torch.randn(3, 16, requires_grad=True)
+    y = layer.act_quant(x)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    assert "per-token dynamic" in repr(layer.act_quant)
+
+
+def test_per_token_qdrop_p0_is_fp_and_p1_is_fully_quantized():
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    q = _token_quantizer(bits=4)
+    full = q(x)
+    assert not torch.equal(full, x)
+    q.drop_p = 0.0
+    assert torch.equal(q(x), x)
+    q.drop_p = 1.0
+    assert torch.equal(q(x), full)
+    q.drop_p = 0.5
+    mixed = q(x)
+    assert bool(((mixed == full) | (mixed == x)).all()) and not torch.equal(mixed, full)
+
+
+def test_activation_granularity_is_validated():
+    with pytest.raises(ValueError, match="activation.granularity"):
+        ActivationConfig(bits=8, granularity="channel")

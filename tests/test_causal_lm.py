@@ -226,6 +226,30 @@ def test_fit_end_to_end_on_a_tiny_causal_lm(tmp_path, name):
         assert block["loss_end"] < block["loss_start"], block
 
 
+def test_fit_with_per_token_8bit_activations_and_qdrop_then_validate_reproduces_it(tmp_path):
+    """The FlexRound authors' LLM W4A8 setting: per-channel weights, dynamic per-token 8-bit activations."""
+    from flexround_pl.cli import FlexRoundCLI, main
+    from flexround_pl.export.checkpoint import read_metadata
+
+    model_dir = _save_tiny("llama", tmp_path)
+    config = _write_config(tmp_path, model_dir, max_steps=10)
+    overrides = ["--model.quant.activation.bits", "8", "--model.quant.activation.granularity", "token"]
+    assert main(["fit", "--config", config, *overrides]) == 0
+
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert (results["a_bits"], results["a_granularity"], results["qdrop_p"]) == (8, "token", 0.5)
+    for block in results["blocks"]:
+        assert block["loss_end"] < block["loss_start"], block
+    meta = read_metadata(str(run / "quantized.safetensors"))
+    assert {(info["act_bits"], info["act_granularity"]) for info in meta["layers"].values()} == {(8, "token")}
+
+    val = FlexRoundCLI(args=["validate", "--config", str(run / "config.yaml")])
+    assert val.results["quantized"] == results["quantized"]
+    quantizers = [m.act_quant for m in val.model.net.modules() if getattr(m, "act_quant", None) is not None]
+    assert quantizers and all(q.dynamic for q in quantizers)
+
+
 # ---------------------------------------------------------------------- GGUF
 
 

@@ -140,6 +140,7 @@ def quantized_layer_info(module: nn.Module) -> dict[str, dict[str, Any]]:
             "fp_shape": list(layer.fp_shape),
             "fp_dtype": _dtype_name(layer.fp_dtype),
             "act_bits": None if act is None else int(act.bits),
+            "act_granularity": None if act is None else act.cfg.granularity,
             "exponent": getattr(layer, "exponent", None) is not None,
         }
     return layers
@@ -297,7 +298,9 @@ def _skeleton_config(info: dict[str, Any], quant: Optional[Any]) -> Any:
     changes: dict[str, Any] = {"method": "rtn", "weight": grid}
     activation = getattr(base, "activation", None)
     if activation is not None:
-        changes["activation"] = dataclasses.replace(activation, bits=info.get("act_bits"))
+        changes["activation"] = dataclasses.replace(
+            activation, bits=info.get("act_bits"), granularity=info.get("act_granularity") or "tensor"
+        )
     return dataclasses.replace(base, **changes)
 
 

@@ -28,6 +28,16 @@ with probability ``p`` and the unquantized input otherwise,
 ``drop_prob`` and uses it as the probability of *keeping* quantization). Set
 with :func:`qdrop`; never active outside it (validation, hardening, evaluation).
 
+Per-token dynamic quantization (``ActivationConfig.granularity: token``): the
+grid of each token (each row of a Linear input; each pixel's channel vector of
+a Conv2d input) is recomputed from that token at every call,
+``[min(x, 0), max(x, 0)]`` over its features (asymmetric), or its absolute
+maximum (symmetric, signed codes). Nothing is calibrated or learned; the grid
+is detached (as in the FlexRound authors' Llama W4A8 evaluation code,
+``quantize_activation_per_token_absmax`` in ``onliwad101/FlexRound_LRQ``), so
+``d x_hat / d x`` is 1 (straight-through; every element is inside its range).
+QDrop's drop applies to it in the same way.
+
 Everything is a tensor in the state dict (``scale``, ``zero_point``, ``qmin``,
 ``qmax``, ``initialized``), so a saved layer needs nothing else.
 """
@@ -56,17 +66,24 @@ def grad_scale(x: Tensor, g: Tensor | float) -> Tensor:
 
 
 class ActivationQuantizer(nn.Module):
-    """Per-tensor LSQ fake quantizer of one layer input (see the module docstring)."""
+    """Fake quantizer of one layer input: per-tensor LSQ, or per-token dynamic (see the module docstring).
 
-    def __init__(self, bits: int, cfg: ActivationConfig) -> None:
+    ``feature_dim``: the dimension a token's features lie along (``-1`` for a
+    Linear input, ``1`` for a Conv2d input); used by ``granularity: token`` only.
+    """
+
+    def __init__(self, bits: int, cfg: ActivationConfig, feature_dim: int = -1) -> None:
         super().__init__()
         self.bits = bits
         self.cfg = cfg
-        self.scale = nn.Parameter(torch.ones(()))
+        self.dynamic = cfg.granularity == "token"
+        self.feature_dim = feature_dim
+        # a dynamic quantizer keeps the (unused) scale so every state dict has the same keys
+        self.scale = nn.Parameter(torch.ones(()), requires_grad=not self.dynamic)
         self.register_buffer("zero_point", torch.zeros(()))
         self.register_buffer("qmin", torch.zeros(()))
         self.register_buffer("qmax", torch.full((), float(2**bits - 1)))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("initialized", torch.full((), self.dynamic, dtype=torch.bool))
         #: QDrop probability of keeping the quantized value; None = always quantize.
         self.drop_p: Optional[float] = None
         #: Calibration: None, "minmax" or "mse" (observe, return the input unchanged).
@@ -85,7 +102,26 @@ class ActivationQuantizer(nn.Module):
         q = clamp_codes(round_ste(xf / s) + self.zero_point, self.qmin, self.qmax)
         return s * (q - self.zero_point)
 
+    def dynamic_fake_quant(self, x: Tensor) -> Tensor:
+        """Per-token min-max (or absmax) fake quantization of ``x`` in fp32, grid detached."""
+        xf = x.float()
+        with torch.no_grad():
+            lo = xf.amin(dim=self.feature_dim, keepdim=True).clamp_max(0)
+            hi = xf.amax(dim=self.feature_dim, keepdim=True).clamp_min(0)
+            if self.cfg.symmetric:
+                qmin, qmax = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+                step = torch.maximum(hi / qmax, lo / qmin).clamp_min(_MIN_STEP)
+                zp = torch.zeros_like(step)
+            else:
+                qmin, qmax = 0, 2**self.bits - 1
+                step = ((hi - lo) / qmax).clamp_min(_MIN_STEP)
+                zp = torch.clamp(torch.round(-lo / step), qmin, qmax)
+            x_hat = step * (torch.clamp(torch.round(xf / step) + zp, qmin, qmax) - zp)
+        return xf + (x_hat - xf).detach()  # straight-through: the token's range holds all of it
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.dynamic:
+            return self._drop(self.dynamic_fake_quant(x) if self.drop_p is None or self.drop_p > 0 else None, x)
         if self.observing is not None:
             self._observe(x.detach())
             return x
@@ -94,10 +130,13 @@ class ActivationQuantizer(nn.Module):
                 "activation quantizer used before calibration: run calibrate_activations() "
                 "(the block driver does it before reconstruction) or load a calibrated state dict"
             )
+        return self._drop(self.fake_quant(x) if self.drop_p is None or self.drop_p > 0 else None, x)
+
+    def _drop(self, out: Optional[Tensor], x: Tensor) -> Tensor:
+        """QDrop: keep each quantized element of ``out`` with probability ``drop_p`` (``None``: FP input)."""
         p = self.drop_p
-        if p is not None and p <= 0:
+        if out is None:
             return x  # QDrop with p = 0: activations stay FP during training
-        out = self.fake_quant(x)
         if p is not None and p < 1:
             keep = torch.rand(x.shape, device=x.device) < p
             out = torch.where(keep, out, x.float())
@@ -160,6 +199,8 @@ class ActivationQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "sym" if self.cfg.symmetric else "asym"
+        if self.dynamic:
+            return f"bits={self.bits}, {kind}, per-token dynamic"
         state = "calibrated" if bool(self.initialized) else "not calibrated"
         return f"bits={self.bits}, {kind}, per-tensor LSQ, {state}"
 
@@ -190,7 +231,10 @@ def calibrate_activations(root: nn.Module, run: Callable[[], None], only_uncalib
     its input unchanged, so all statistics are those of FP activations (with the
     weights as they are). Returns the number of quantizers initialized.
     """
-    quantizers = [q for q in activation_quantizers(root) if not (only_uncalibrated and bool(q.initialized))]
+    quantizers = [
+        q for q in activation_quantizers(root)
+        if not q.dynamic and not (only_uncalibrated and bool(q.initialized))
+    ]
     if not quantizers:
         return 0
     try:

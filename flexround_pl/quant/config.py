@@ -15,6 +15,7 @@ Method = Literal["rtn", "flexround", "adaround", "nupes"]
 Granularity = Literal["tensor", "channel", "group"]
 GridInit = Literal["minmax", "lp"]
 ActivationInit = Literal["mse", "minmax"]
+ActivationGranularity = Literal["tensor", "token"]
 NUPESMode = Literal["data_free", "data_driven"]
 NUPESRounding = Literal["additive", "flexround"]
 
@@ -149,9 +150,18 @@ class ActivationConfig:
     ``init_samples``: calibration samples run through each block to initialize.
     ``lr``: the Adam learning rate of the step sizes (their own parameter
     group, cosine-decayed with the weights'; QDrop uses 4e-5).
+    ``granularity``: ``tensor`` (default) is the static, learned LSQ step
+    above; ``token`` is dynamic min-max quantization of each token (each row
+    of a Linear input, each pixel's channel vector of a Conv input), computed
+    from the activation itself at every call, with nothing to calibrate or
+    learn (``init*`` and ``lr`` unused). ``token`` is the FlexRound authors'
+    W4A8 setting for Llama (their ``quantize_activation_per_token_absmax``),
+    and what LLMs need: one static step per tensor cannot cover their
+    per-token outliers (README, "SmolLM2 W4A8 / W8A8").
     """
 
     bits: Optional[int] = None
+    granularity: ActivationGranularity = "tensor"
     symmetric: bool = False
     init: ActivationInit = "mse"
     init_candidates: int = 100
@@ -160,6 +170,8 @@ class ActivationConfig:
 
     def __post_init__(self) -> None:
         validate_bits(self.bits, "activation.bits")
+        if self.granularity not in ("tensor", "token"):
+            raise ValueError(f"activation.granularity must be 'tensor' or 'token', got {self.granularity!r}")
         if self.init not in ("mse", "minmax"):
             raise ValueError(f"activation.init must be 'mse' or 'minmax', got {self.init!r}")
         if self.init_candidates < 1:

@@ -70,7 +70,10 @@ class QuantizedLayer(nn.Module):
         a_bits = cfg.activation.bits
         if a_bits is not None and bits is not None:
             a_bits = max(a_bits, bits)  # first / last layer: input at 8 bits too
-        self.act_quant = None if a_bits is None else ActivationQuantizer(a_bits, cfg.activation)
+        self.act_quant = (
+            None if a_bits is None
+            else ActivationQuantizer(a_bits, cfg.activation, feature_dim=1 if self.is_conv else -1)
+        )
 
     @classmethod
     def from_float(cls, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None):
