@@ -7,6 +7,8 @@ Runs ``python -m flexround_pl fit`` once per (method, bits), reads each run's
     python benchmarks/methods.py --config configs/smollm2_wiki.yaml --bits 4 3 -- --trainer.max_steps 100
 
 Arguments after ``--`` are passed to every run (any LightningCLI override).
+``--collect`` runs nothing and tabulates the finished runs already in ``--out``
+(give the same arguments, so the summary records the overrides).
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ import os
 import subprocess
 import sys
 import time
+
+
+def read_one(root: str) -> dict:
+    """The finished run in ``root`` (``--collect``): its ``results.json``, wall time unknown."""
+    path = os.path.join(root, "results.json")
+    if not os.path.isfile(path):
+        sys.exit(f"methods.py: --collect found no finished run at {path}: run it first (drop --collect)")
+    with open(path) as f:
+        results = json.load(f)
+    results["run_dir"] = os.path.abspath(root)
+    return results
 
 
 def run_one(config: str, method: str, bits: int, root: str, extra: list[str]) -> dict:
@@ -68,6 +81,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["rtn", "adaround", "flexround"])
     parser.add_argument("--bits", nargs="+", type=int, default=[4])
     parser.add_argument("--out", default=None, help="directory for runs and the JSON summary")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: tabulate the finished runs already in --out (e.g. after an interruption)")
     args = parser.parse_args(argv)
 
     name = os.path.splitext(os.path.basename(args.config))[0]
@@ -76,7 +91,8 @@ def main() -> None:
     rows = []
     for bits in args.bits:
         for method in args.methods:
-            rows.append(run_one(args.config, method, bits, os.path.join(out, f"{method}_w{bits}"), extra))
+            root = os.path.join(out, f"{method}_w{bits}")
+            rows.append(read_one(root) if args.collect else run_one(args.config, method, bits, root, extra))
     summary = {"config": args.config, "overrides": extra, "rows": rows}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
