@@ -22,7 +22,7 @@ import time
 
 
 def read_one(root: str) -> dict:
-    """The finished run in ``root`` (``--collect``): its ``results.json``, wall time unknown."""
+    """The finished run in ``root``: its ``results.json`` and ``run_dir`` (TensorBoard logs for plots.py)."""
     path = os.path.join(root, "results.json")
     if not os.path.isfile(path):
         sys.exit(f"methods.py: --collect found no finished run at {path}: run it first (drop --collect)")
@@ -41,10 +41,8 @@ def run_one(config: str, method: str, bits: int, root: str, extra: list[str]) ->
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
-    with open(os.path.join(root, "results.json")) as f:
-        results = json.load(f)
+    results = read_one(root)
     results["wall_seconds"] = time.perf_counter() - start
-    results["run_dir"] = os.path.abspath(root)  # TensorBoard logs for benchmarks/plots.py
     return results
 
 

@@ -308,11 +308,11 @@ def run(
     phases.lap("quantized_eval")
 
     ckpt = os.path.join(settings.root, CHECKPOINT_NAME)
+    a_granularity = quant.activation.granularity if quant.activation.bits is not None else None
     meta = {
         "method": quant.method, "bits": quant.weight.bits, "granularity": quant.weight.granularity,
         "group_size": quant.weight.group_size if quant.weight.granularity == "group" else None,
-        "symmetric": quant.weight.symmetric, "a_bits": quant.activation.bits,
-        "a_granularity": quant.activation.granularity if quant.activation.bits is not None else None,
+        "symmetric": quant.weight.symmetric, "a_bits": quant.activation.bits, "a_granularity": a_granularity,
         "model": model.source.describe(), "architecture": model.arch.name,
         "model_class": type(model.net).__name__, "quantized_metrics": q_metrics, "config": config or {},
     }
@@ -328,7 +328,7 @@ def run(
         "method": quant.method,
         "w_bits": quant.weight.bits,
         "a_bits": quant.activation.bits,
-        "a_granularity": quant.activation.granularity if quant.activation.bits is not None else None,
+        "a_granularity": a_granularity,
         "qdrop_p": recon.effective_qdrop_p(quant.activation.bits is not None),
         "granularity": quant.weight.granularity,
         "group_size": quant.weight.group_size if quant.weight.granularity == "group" else None,

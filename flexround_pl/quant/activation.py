@@ -108,20 +108,11 @@ class ActivationQuantizer(nn.Module):
         with torch.no_grad():
             lo = xf.amin(dim=self.feature_dim, keepdim=True).clamp_max(0)
             hi = xf.amax(dim=self.feature_dim, keepdim=True).clamp_min(0)
-            if self.cfg.symmetric:
-                qmin, qmax = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
-                step = torch.maximum(hi / qmax, lo / qmin).clamp_min(_MIN_STEP)
-                zp = torch.zeros_like(step)
-            else:
-                qmin, qmax = 0, 2**self.bits - 1
-                step = ((hi - lo) / qmax).clamp_min(_MIN_STEP)
-                zp = torch.clamp(torch.round(-lo / step), qmin, qmax)
+            step, zp, qmin, qmax = self._grid_for(lo, hi, unsigned=False)
             x_hat = step * (torch.clamp(torch.round(xf / step) + zp, qmin, qmax) - zp)
         return xf + (x_hat - xf).detach()  # straight-through: the token's range holds all of it
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.dynamic:
-            return self._drop(self.dynamic_fake_quant(x) if self.drop_p is None or self.drop_p > 0 else None, x)
         if self.observing is not None:
             self._observe(x.detach())
             return x
@@ -130,13 +121,10 @@ class ActivationQuantizer(nn.Module):
                 "activation quantizer used before calibration: run calibrate_activations() "
                 "(the block driver does it before reconstruction) or load a calibrated state dict"
             )
-        return self._drop(self.fake_quant(x) if self.drop_p is None or self.drop_p > 0 else None, x)
-
-    def _drop(self, out: Optional[Tensor], x: Tensor) -> Tensor:
-        """QDrop: keep each quantized element of ``out`` with probability ``drop_p`` (``None``: FP input)."""
         p = self.drop_p
-        if out is None:
+        if p is not None and p <= 0:
             return x  # QDrop with p = 0: activations stay FP during training
+        out = self.dynamic_fake_quant(x) if self.dynamic else self.fake_quant(x)
         if p is not None and p < 1:
             keep = torch.rand(x.shape, device=x.device) < p
             out = torch.where(keep, out, x.float())
@@ -161,19 +149,22 @@ class ActivationQuantizer(nn.Module):
             self._alphas = torch.linspace(1.0 / n, 1.0, n, device=flat.device).flip(0)
             self._errors = torch.zeros(n, dtype=torch.float64, device=flat.device)
         for i, alpha in enumerate(self._alphas.tolist()):
-            step, zp, qmin, qmax = self._grid_for(self._lo * alpha, self._hi * alpha)
+            step, zp, qmin, qmax = self._grid_for(self._lo * alpha, self._hi * alpha, bool(self._lo >= 0))
             q = torch.clamp(torch.round(flat / step) + zp, qmin, qmax)
             self._errors[i] += (step * (q - zp) - flat).pow(2).sum().double()
 
-    def _grid_for(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, float, float]:
-        """Step, zero point and code range of the grid covering ``[lo, hi]`` (lo <= 0 <= hi)."""
+    def _grid_for(self, lo: Tensor, hi: Tensor, unsigned: bool) -> tuple[Tensor, Tensor, float, float]:
+        """Step, zero point and code range of the grid covering ``[lo, hi]`` (lo <= 0 <= hi, broadcast).
+
+        ``unsigned``: a symmetric grid for inputs that are all ``>= 0`` (asymmetric grids ignore it).
+        """
         levels = 2**self.bits - 1
         if not self.cfg.symmetric:  # asymmetric, unsigned codes, fixed zero point
             step = ((hi - lo) / levels).clamp_min(_MIN_STEP)
             zp = torch.clamp(torch.round(-lo / step), 0, levels)
             return step, zp, 0.0, float(levels)
         zero = torch.zeros_like(lo)
-        if bool(self._lo >= 0):  # unsigned, e.g. after ReLU
+        if unsigned:  # e.g. after ReLU
             return (hi / levels).clamp_min(_MIN_STEP), zero, 0.0, float(levels)
         qmin, qmax = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         step = torch.maximum(hi / qmax, lo / qmin).clamp_min(_MIN_STEP)
@@ -188,7 +179,7 @@ class ActivationQuantizer(nn.Module):
         if self._errors is not None and self._alphas is not None:
             # the first minimum; candidates run from the full range down, so ties keep the wider range
             alpha = float(self._alphas[int(torch.argmin(self._errors))])
-        step, zp, qmin, qmax = self._grid_for(self._lo * alpha, self._hi * alpha)
+        step, zp, qmin, qmax = self._grid_for(self._lo * alpha, self._hi * alpha, bool(self._lo >= 0))
         self.scale.copy_(step.reshape(()))
         self.zero_point.copy_(zp.reshape(()))
         self.qmin.fill_(qmin)

@@ -157,7 +157,7 @@ class ActivationConfig:
     learn (``init*`` and ``lr`` unused). ``token`` is the FlexRound authors'
     W4A8 setting for Llama (their ``quantize_activation_per_token_absmax``),
     and what LLMs need: one static step per tensor cannot cover their
-    per-token outliers (README, "SmolLM2 W4A8 / W8A8").
+    per-token outliers (README, "Activations quantized with QDrop").
     """
 
     bits: Optional[int] = None
