@@ -72,6 +72,69 @@ def test_data_free_beats_uniform_rtn_on_bell_shaped_weights(bits, dist, granular
     assert a == pytest.approx(min(errors, key=errors.get)) and errors[1.0] > min(errors.values())
 
 
+def _reference_search(w, grid_cfg, cfg):
+    """The data-free search written plainly (one candidate range at a time, out of place)."""
+    from dataclasses import replace
+
+    from flexround_pl.quant.grid import UniformGrid, fake_quant, group_view, reduce_dims
+    from flexround_pl.quant.nupes import _candidates
+
+    v = group_view(w.float(), grid_cfg)
+    dims = reduce_dims(v, grid_cfg)
+    helper = UniformGrid(w, replace(grid_cfg, init="minmax"))
+    n = grid_cfg.lp_candidates
+    alphas = [1.0] + (torch.linspace(1.0 / n, 1.0, n).flip(0)[1:].tolist() if grid_cfg.init == "lp" else [])
+
+    def evaluate(a):
+        t = power(v, a)
+        lo, hi = t.amin(dim=dims, keepdim=True).clamp_max(0), t.amax(dim=dims, keepdim=True).clamp_min(0)
+        best = None
+        for alpha in alphas:
+            log_step, zp = helper._step_and_zero(lo * alpha, hi * alpha)
+            q = fake_quant(t, torch.exp(log_step), zp, helper.qmin, helper.qmax)
+            err = (inverse_power(q, a) - v).abs().pow(grid_cfg.lp_norm).sum(dim=dims, keepdim=True)
+            if best is None:
+                best = [err, log_step, zp]
+            else:
+                better = err < best[0]
+                best = [torch.where(better, x, b) for x, b in zip((err, log_step, zp), best)]
+        return float(best[0].double().sum()), best[1], best[2]
+
+    results = {a: evaluate(a) for a in _candidates(cfg.exponent_min, cfg.exponent_max, cfg.exponent_candidates)}
+    best = min(results, key=lambda k: results[k][0])
+    step = (cfg.exponent_max - cfg.exponent_min) / (cfg.exponent_candidates - 1)
+    for a in _candidates(max(cfg.exponent_min, best - step), min(cfg.exponent_max, best + step), 9):
+        results.setdefault(a, evaluate(a))
+    best = min(results, key=lambda k: (results[k][0], -k))
+    return best, results[best][1], results[best][2], {k: r[0] for k, r in sorted(results.items())}
+
+
+@pytest.mark.parametrize(
+    "shape,grid_kw",
+    [
+        ((12, 40), dict(bits=3, granularity="channel", symmetric=False)),
+        ((12, 40), dict(bits=4, granularity="tensor", symmetric=True)),
+        ((6, 4, 3, 3), dict(bits=4, granularity="channel", symmetric=True)),
+        ((8, 64), dict(bits=4, granularity="group", group_size=16, symmetric=False, init="minmax")),
+    ],
+)
+def test_data_free_search_matches_a_plain_reference_bit_for_bit(shape, grid_kw):
+    """The batched, in-place search is an optimization only: same exponent and grid.
+
+    Errors agree to float32 summation order (a batched sum over a 4-D conv
+    weight reduces in another order than the plain one)."""
+    from flexround_pl.quant.nupes import search_grid
+
+    w = _laplace(shape, seed=3)
+    w.view(-1)[:5] = 0.0
+    grid_cfg = GridConfig(lp_candidates=30, **grid_kw)
+    cfg = NUPESConfig(mode="data_free", exponent_candidates=5)
+    a, log_scale, zero_point, errors = search_grid(w, grid_cfg, cfg)
+    ra, rlog, rzp, rerrors = _reference_search(w, grid_cfg, cfg)
+    assert a == ra < 1.0 and errors == pytest.approx(rerrors, rel=1e-6, abs=0)
+    assert torch.equal(log_scale, rlog) and torch.equal(zero_point, rzp)
+
+
 def _tricky_weight():
     w = _laplace((6, 40), seed=1)
     w[0] = 0.0  # an all-zero output channel

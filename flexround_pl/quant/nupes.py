@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from .base import WeightQuantizer, clamp_codes, round_ste
 from .config import FlexRoundConfig, GridConfig, NUPESConfig
-from .grid import UniformGrid, fake_quant, group_view, reduce_dims
+from .grid import UniformGrid, group_view, reduce_dims
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -153,10 +153,23 @@ def search_grid(w: Tensor, grid_cfg: GridConfig, cfg: NUPESConfig) -> tuple[floa
     if grid_cfg.init == "lp" and n > 1:
         alphas += torch.linspace(1.0 / n, 1.0, n).flip(0)[1:].tolist()
     chunk = max(1, (1 << 24) // max(v.numel(), 1))
+    scratch, scratch2 = (
+        torch.empty((min(chunk, len(alphas)), *v.shape), dtype=v.dtype, device=v.device) for _ in range(2)
+    )
 
     def errors(t: Tensor, a: float, log_step: Tensor, zp: Tensor) -> Tensor:
-        q = fake_quant(t.unsqueeze(0), torch.exp(log_step), zp, helper.qmin, helper.qmax)
-        return (inverse_power(q, a) - v).abs().pow(p).sum(dim=batched_dims, keepdim=True)
+        """``sum |inverse_power(fake_quant(t)) - W|^p``, in place in ``scratch``.
+
+        The same float operations as ``inverse_power(fake_quant(...))`` (so the
+        same bits), without a fresh ``[k, *weight]`` tensor per operation: the
+        search is bound by memory traffic and the two ``pow`` calls.
+        """
+        step = torch.exp(log_step)
+        buf = torch.div(t.unsqueeze(0), step, out=scratch[: step.shape[0]])
+        buf.round_().add_(zp).clamp_(helper.qmin, helper.qmax).sub_(zp).mul_(step)  # u
+        mag = torch.abs(buf, out=scratch2[: step.shape[0]]).pow_(1.0 / a)
+        w_hat = torch.copysign(mag, buf, out=mag)  # sign(u)|u|^(1/a), as inverse_power
+        return w_hat.sub_(v).abs_().pow_(p).sum(dim=batched_dims, keepdim=True)
 
     def evaluate(a: float) -> tuple[float, Tensor, Tensor]:
         t = power(v, a)
