@@ -153,10 +153,12 @@ def evaluate(
     """Metrics of ``model`` on the data module's ``validate`` (eval split) or ``test`` loader.
 
     ``reference=True`` marks the FP pass: its predictions are recorded, and a
-    later pass on the same loader adds ``fp_agreement`` to its metrics.
+    later pass on the same loader adds ``fp_agreement`` (and ``fp_kl`` for a
+    classifier) to its metrics.
     """
     trainer = settings.eval_trainer()
-    model.agreement.start(record=reference)
+    for measure in model.fidelity:
+        measure.start(record=reference)
     with quiet_lightning():
         getattr(trainer, stage)(model, datamodule=datamodule, verbose=False)
     return dict(model.last_metrics)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from flexround_pl.evaluate.agreement import FPAgreement
+from flexround_pl.evaluate.divergence import FPDivergence
 from flexround_pl.models.adapter import Architecture, find_architecture
 from flexround_pl.models.sources import ModelSource
 from flexround_pl.quant.config import QuantConfig
@@ -49,7 +50,8 @@ class PTQModel(L.LightningModule):
         self.arch: Optional[Architecture] = None
         self.task_metrics: Optional[nn.Module] = None
         self.last_metrics: dict[str, float] = {}
-        self.agreement = FPAgreement()  # quantized vs FP predictions (``fp_agreement``)
+        # quantized vs FP outputs: ``fp_agreement`` (argmax), ``fp_kl`` (classifiers)
+        self.fidelity = (FPAgreement(), FPDivergence())
 
     def load(self, num_labels: Optional[int] = None) -> nn.Module:
         """Load the FP network and run its adapter's one-off preparation."""
@@ -75,7 +77,8 @@ class PTQModel(L.LightningModule):
     def _eval_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logits = self({k: v for k, v in batch.items() if k != "labels"})
         self.task_metrics.update(logits.float(), batch)
-        self.agreement.update(batch_idx, logits, batch)
+        for measure in self.fidelity:
+            measure.update(batch_idx, logits, batch)
 
     def _eval_start(self) -> None:
         if self.task_metrics is None:
@@ -85,9 +88,10 @@ class PTQModel(L.LightningModule):
 
     def _eval_end(self) -> None:
         self.last_metrics = {k: float(v) for k, v in self.task_metrics.compute().items()}
-        agreement = self.agreement.compute()
-        if agreement is not None:
-            self.last_metrics[self.agreement.name] = agreement
+        for measure in self.fidelity:
+            value = measure.compute()
+            if value is not None:
+                self.last_metrics[measure.name] = value
         self.log_dict(self.last_metrics, sync_dist=False)
 
     def on_validation_epoch_start(self) -> None:

@@ -214,6 +214,7 @@ def test_fit_end_to_end_on_a_tiny_causal_lm(tmp_path, name):
     fp, q = results["fp"]["perplexity"], results["quantized"]["perplexity"]
     assert 1.0 < fp < 10 * VOCAB and 1.0 < q < 10 * VOCAB  # random init: about the vocabulary size
     assert 0.0 < results["quantized"]["fp_agreement"] <= 1.0  # next-token argmax vs FP
+    assert "fp_kl" not in results["quantized"]  # classifiers only
     assert results["outside_blocks_rtn"] == []  # embeddings, project_in/out, lm_head stay FP
 
     reference = tiny_causal_lm(name)

@@ -295,7 +295,7 @@ def test_fit_end_to_end(tmp_path, name):
 
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["architecture"] == ("resnet" if name == "resnet18" else "mobilenet_v2")
-    assert set(results["fp"]) == {"top1", "top5"} and set(results["quantized"]) == {"top1", "top5", "fp_agreement"}
+    assert set(results["fp"]) == {"top1", "top5"} and set(results["quantized"]) == {"top1", "top5", "fp_agreement", "fp_kl"}
     assert 0.0 <= results["quantized"]["top1"] <= 1.0
     assert [b["name"] for b in results["blocks"]] == block_names
     assert results["outside_blocks_rtn"] == [head]

@@ -154,3 +154,46 @@ def test_fp_agreement_needs_every_reference_batch_and_skips_regression():
     b.start(record=False)
     b.update(0, torch.randn(4, 1), {})
     assert b.compute() is None
+
+
+def test_fp_kl_is_the_mean_kl_from_fp_per_example():
+    import torch.nn.functional as F
+
+    from flexround_pl.evaluate import FPDivergence
+
+    fp = [torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), torch.tensor([[0.5, 0.5, 3.0]])]
+    q = [torch.tensor([[1.5, 0.2, -1.0], [0.0, 1.0, 0.0]]), torch.tensor([[0.5, 1.5, 2.0]])]
+    d = FPDivergence()
+    d.start(record=True)
+    for i, logits in enumerate(fp):
+        d.update(i, logits, {})
+    assert d.compute() is None  # the reference pass itself reports nothing
+    d.start(record=False)
+    for i, logits in enumerate(fp):
+        d.update(i, logits, {})
+    assert d.compute() == 0.0  # FP against itself
+    d.start(record=False)
+    for i, logits in enumerate(q):
+        d.update(i, logits, {})
+    p_fp, p_q = F.softmax(torch.cat(fp), -1), F.softmax(torch.cat(q), -1)
+    expected = (p_fp * (p_fp.log() - p_q.log())).sum(-1).mean().item()
+    assert expected > 0 and d.compute() == pytest.approx(expected, rel=1e-5)
+
+
+def test_fp_kl_skips_causal_lm_and_regression_and_needs_every_batch():
+    from flexround_pl.evaluate import FPDivergence
+
+    for logits in (torch.randn(2, 5, 7), torch.randn(4, 1)):  # causal LM [B, T, V]; STS-B regression
+        d = FPDivergence()
+        d.start(record=True)
+        d.update(0, logits, {})
+        d.start(record=False)
+        d.update(0, logits, {})
+        assert d.compute() is None
+    d = FPDivergence()
+    d.start(record=True)
+    d.update(0, torch.randn(2, 3), {})
+    d.update(1, torch.randn(2, 3), {})
+    d.start(record=False)
+    d.update(0, torch.randn(2, 3), {})  # batch 1 never compared
+    assert d.compute() is None

@@ -1,6 +1,7 @@
 """Evaluation: task metrics shared by the data modules and the evaluation loop."""
 
 from flexround_pl.evaluate.agreement import FPAgreement
+from flexround_pl.evaluate.divergence import FPDivergence
 from flexround_pl.evaluate.metrics import (
     GLUE_TASKS,
     ClassificationMetrics,
@@ -10,4 +11,4 @@ from flexround_pl.evaluate.metrics import (
     TopKMetrics,
 )
 
-__all__ = ["GLUE_TASKS", "ClassificationMetrics", "FPAgreement", "GlueTask", "PerplexityMetrics", "TaskMetrics", "TopKMetrics"]
+__all__ = ["GLUE_TASKS", "ClassificationMetrics", "FPAgreement", "FPDivergence", "GlueTask", "PerplexityMetrics", "TaskMetrics", "TopKMetrics"]
