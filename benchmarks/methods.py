@@ -61,8 +61,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         cells = [r["method"], str(r["w_bits"]), _a_bits(r), r["granularity"], str(r["max_steps"] if r["method"] != "rtn" else 0),
                  "—" if r["method"] == "rtn" else f"{r['lr']:g}"]
-        cells += [f"{r['fp'].get(m, float('nan')):.4f}" for m in fp_metrics]
-        cells += [f"{r['quantized'].get(m, float('nan')):.4f}" for m in metrics]
+        cells += [f"{r['fp'][m]:.4f}" if m in r["fp"] else "—" for m in fp_metrics]
+        cells += [f"{r['quantized'][m]:.4f}" if m in r["quantized"] else "—" for m in metrics]  # e.g. fp_kl of an older run
         cells += [f"{r['seconds_total']:.0f}", f"{r['peak_rss_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

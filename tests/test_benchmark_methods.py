@@ -34,6 +34,14 @@ def test_collect_tabulates_finished_runs_with_their_activation_bits(tmp_path, mo
     assert row.startswith("| flexround | 4 | 8/token | channel | 40 | 0.01 |")
 
 
+def test_table_marks_a_metric_a_run_lacks(tmp_path):
+    old = _results(8, "tensor")  # a run from before fp_kl existed
+    new = {**old, "quantized": {**old["quantized"], "fp_kl": 0.0012}}
+    lines = methods.table([old, new]).splitlines()
+    assert "fp_kl" in lines[0] and "nan" not in "".join(lines)
+    assert lines[2].split(" | ")[-4] == "—" and lines[3].split(" | ")[-4] == "0.0012"
+
+
 def test_collect_refuses_a_run_that_has_not_finished(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["methods.py", "--config", "c.yaml", "--methods", "rtn",
                                       "--out", str(tmp_path), "--collect"])
