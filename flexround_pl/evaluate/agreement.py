@@ -8,7 +8,9 @@ argmax as the FP model measures the quantization error directly, label-free,
 and is far less noisy. ``1.0`` means "the same decisions as FP".
 
 The FP pass records its argmax per evaluation batch; the quantized pass on the
-same (unshuffled) loader compares batch by batch.
+same (unshuffled) loader compares batch by batch. :class:`FPComparison` is
+that record-then-compare loop, shared with ``fp_kl``
+(:mod:`flexround_pl.evaluate.divergence`).
 """
 
 from __future__ import annotations
@@ -19,26 +21,63 @@ import torch
 from torch import Tensor
 
 
-class FPAgreement:
-    """Records FP predictions, then scores a later pass against them."""
+class FPComparison:
+    """Records a per-batch summary of the FP pass, then scores a later pass against it.
 
-    name = "fp_agreement"
+    Subclasses say what is recorded (``_summary``: one row per example or
+    position, or ``None`` when the measure does not apply) and how a batch
+    scores (``_score``: a sum over its rows); ``compute`` is the mean per row.
+    """
+
+    name = ""
 
     def __init__(self) -> None:
         self.reference: list[Tensor] = []
         self.recording = False
-        self.equal = 0
-        self.total = 0
+        self.score_sum = 0.0
+        self.compared = 0
 
     def start(self, record: bool) -> None:
         """``record=True``: this pass is the FP reference; else compare with it."""
         self.recording = record
         if record:
             self.reference = []
-        self.equal = self.total = 0
+        self.score_sum, self.compared = 0.0, 0
 
-    @staticmethod
-    def _predictions(logits: Tensor, batch: dict) -> Optional[Tensor]:
+    def _summary(self, logits: Tensor, batch: dict) -> Optional[Tensor]:
+        raise NotImplementedError
+
+    def _score(self, reference: Tensor, current: Tensor) -> float:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update(self, batch_idx: int, logits: Tensor, batch: dict) -> None:
+        current = self._summary(logits, batch)
+        if current is None:
+            return
+        if self.recording:
+            self.reference.append(current)
+            return
+        if batch_idx >= len(self.reference) or self.reference[batch_idx].shape != current.shape:
+            return  # no FP pass over this batch: compute() reports nothing
+        self.score_sum += self._score(self.reference[batch_idx], current)
+        self.compared += current.shape[0]
+
+    def compute(self) -> Optional[float]:
+        """Mean score of the last comparing pass; ``None`` without a complete FP reference."""
+        if self.recording or self.compared == 0:
+            return None
+        if self.compared != sum(r.shape[0] for r in self.reference):
+            return None  # partial coverage would not be comparable
+        return self.score_sum / self.compared
+
+
+class FPAgreement(FPComparison):
+    """Share of examples (next-token positions) whose argmax equals the FP model's."""
+
+    name = "fp_agreement"
+
+    def _summary(self, logits: Tensor, batch: dict) -> Optional[Tensor]:
         if logits.shape[-1] < 2:  # regression (STS-B): no argmax decision
             return None
         pred = logits.detach().argmax(dim=-1)
@@ -48,23 +87,5 @@ class FPAgreement:
             return pred[:, :-1][mask[:, 1:].to(pred.device).bool()].cpu()
         return pred.reshape(-1).cpu()
 
-    @torch.no_grad()
-    def update(self, batch_idx: int, logits: Tensor, batch: dict) -> None:
-        pred = self._predictions(logits, batch)
-        if pred is None:
-            return
-        if self.recording:
-            self.reference.append(pred)
-            return
-        if batch_idx >= len(self.reference) or self.reference[batch_idx].shape != pred.shape:
-            return  # no FP pass over this batch: compute() reports nothing
-        self.equal += int((self.reference[batch_idx] == pred).sum())
-        self.total += pred.numel()
-
-    def compute(self) -> Optional[float]:
-        """Agreement of the last comparing pass; ``None`` if it saw no matching FP batch."""
-        if self.recording or self.total == 0:
-            return None
-        if self.total != sum(r.numel() for r in self.reference):
-            return None  # partial coverage would not be comparable
-        return self.equal / self.total
+    def _score(self, reference: Tensor, current: Tensor) -> float:
+        return float((reference == current).sum())

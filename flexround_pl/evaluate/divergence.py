@@ -19,53 +19,21 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flexround_pl.evaluate.agreement import FPComparison
 
-class FPDivergence:
-    """Records FP log-probabilities, then scores a later pass against them."""
+
+class FPDivergence(FPComparison):
+    """Mean KL(FP || quantized) of the class distributions per example."""
 
     name = "fp_kl"
 
-    def __init__(self) -> None:
-        self.reference: list[Tensor] = []
-        self.recording = False
-        self.kl_sum = 0.0
-        self.compared = 0
-
-    def start(self, record: bool) -> None:
-        """``record=True``: this pass is the FP reference; else compare with it."""
-        self.recording = record
-        if record:
-            self.reference = []
-        self.kl_sum, self.compared = 0.0, 0
-
-    @staticmethod
-    def _log_probs(logits: Tensor) -> Optional[Tensor]:
+    def _summary(self, logits: Tensor, batch: dict) -> Optional[Tensor]:
         if logits.dim() != 2 or logits.shape[-1] < 2:  # causal LM, or regression (STS-B)
             return None
         return F.log_softmax(logits.detach().float(), dim=-1).cpu()
 
-    @torch.no_grad()
-    def update(self, batch_idx: int, logits: Tensor, batch: dict) -> None:
-        log_q = self._log_probs(logits)
-        if log_q is None:
-            return
-        if self.recording:
-            self.reference.append(log_q)
-            return
-        if batch_idx >= len(self.reference) or self.reference[batch_idx].shape != log_q.shape:
-            return  # no FP pass over this batch: compute() reports nothing
-        log_p = self.reference[batch_idx]
-        self.kl_sum += float(F.kl_div(log_q, log_p, reduction="sum", log_target=True))
-        self.compared += log_q.shape[0]
-
-    def compute(self) -> Optional[float]:
-        """Mean KL(FP || quantized) per example; ``None`` without a complete FP reference."""
-        if self.recording or self.compared == 0:
-            return None
-        if self.compared != sum(r.shape[0] for r in self.reference):
-            return None  # partial coverage would not be comparable
-        return self.kl_sum / self.compared
+    def _score(self, reference: Tensor, current: Tensor) -> float:
+        return float(F.kl_div(current, reference, reduction="sum", log_target=True))
