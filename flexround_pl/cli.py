@@ -19,6 +19,9 @@ Subcommands and what they leave in the run directory (``trainer.default_root_dir
   same command on the same run directory resumes after the last finished
   block (also after ``SIGKILL``); a changed configuration is refused (exit 2)
   unless ``--fresh true``, which discards the old state and outputs.
+  Every resumed block file is checked against this configuration too. One
+  ``fit`` at a time per run directory: a second one stops with the holder's PID
+  (:mod:`flexround_pl.rundir`).
   A diverging block (NaN / inf loss) stops the run with exit 1, naming the
   block, the iteration and the likely cause; finished blocks stay saved.
 * ``validate`` / ``test``: load ``quantized.safetensors`` of the run directory
@@ -29,6 +32,7 @@ Subcommands and what they leave in the run directory (``trainer.default_root_dir
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Any, Optional
@@ -37,10 +41,9 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from flexround_pl import pipeline
+from flexround_pl import pipeline, rundir
 from flexround_pl.data.base import PTQDataModule
 from flexround_pl.export.checkpoint import (
-    CHECKPOINT_NAME,
     check_compatible,
     load_quantized_model,
     read_metadata,
@@ -48,6 +51,7 @@ from flexround_pl.export.checkpoint import (
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.driver import DivergenceError
 from flexround_pl.reconstruct.resume import RunState, fingerprint
+from flexround_pl.rundir import CHECKPOINT_NAME, CONFIG_NAME
 from flexround_pl.utils import is_rank_zero
 
 
@@ -117,19 +121,21 @@ class FlexRoundCLI(LightningCLI):
             )
         settings = pipeline.TrainerSettings(self._trainer_settings())
         pipeline.preflight(model, datamodule, settings)  # writes nothing
-        fp = fingerprint(config.as_dict())
-        state = RunState.open(settings.root, fp, fresh=bool(config.get("fresh")))  # refuses another config
-        os.makedirs(settings.root, exist_ok=True)
-        saved = config.clone()
-        saved.fresh = False  # config.yaml re-runs (resumes) this run; it does not wipe it again
-        if is_rank_zero():
-            self._parser(self.subcommand).save(saved, os.path.join(settings.root, "config.yaml"), overwrite=True)
-        state.begin()
-        if state.resuming:
-            print(f"flexround_pl: resuming {settings.root}: {len(state.blocks)} block(s) already finished")
-        self.results = pipeline.run(
-            model, datamodule, settings, state=state, export=bool(config.get("export", True)), config=fp
-        )
+        config_fingerprint = fingerprint(config.as_dict())
+        # one fit per run directory, from reading its resume state to the last output (rank 0 holds it)
+        with rundir.locked(settings.root) if is_rank_zero() else contextlib.nullcontext():
+            state = RunState.open(settings.root, config_fingerprint, fresh=bool(config.get("fresh")))  # refuses another config
+            saved = config.clone()
+            saved.fresh = False  # config.yaml re-runs (resumes) this run; it does not wipe it again
+            if is_rank_zero():
+                self._parser(self.subcommand).save(saved, os.path.join(settings.root, CONFIG_NAME), overwrite=True)
+            state.begin()
+            if state.resuming:
+                print(f"flexround_pl: resuming {settings.root}: {len(state.blocks)} block(s) already finished")
+            self.results = pipeline.run(
+                model, datamodule, settings, state=state, export=bool(config.get("export", True)),
+                config=config_fingerprint,
+            )
 
     def validate(self, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str] = None, **_: Any) -> None:
         self.results = self._evaluate_checkpoint("validate", model, datamodule, ckpt_path)
@@ -148,8 +154,8 @@ class FlexRoundCLI(LightningCLI):
                 f"no quantized checkpoint at {path}: run fit with this config first, or pass --ckpt_path FILE"
             )
         # every weight comes from the checkpoint; the config's source gives the skeleton and tokenizer
-        fp = fingerprint(self.config[self.subcommand].as_dict())
-        compare = {k: v for k, v in fp.items() if k.startswith("model.quant")}
+        config_fingerprint = fingerprint(self.config[self.subcommand].as_dict())
+        compare = {k: v for k, v in config_fingerprint.items() if k.startswith("model.quant")}
         saved = read_metadata(path)
         check_compatible(saved, compare, path)  # before loading anything
         if saved.get("model") not in (None, model.source.describe()):

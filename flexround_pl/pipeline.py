@@ -30,20 +30,18 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from flexround_pl.data.base import PTQDataModule
 from flexround_pl.export.checkpoint import (
-    CHECKPOINT_NAME,
     quantized_weight_nbytes,
     save_quantized,
     state_dict_nbytes,
 )
-from flexround_pl.export.fake_quant import EXPORT_DIR, export_fake_quant
+from flexround_pl.export.fake_quant import export_fake_quant
 from flexround_pl.models import lazy
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.driver import BlockResult, quantize_blocks, quantize_outside_blocks
 from flexround_pl.reconstruct.module import calibrate_model_activations
+from flexround_pl.rundir import CACHE_DIR, CHECKPOINT_NAME, EXPORT_DIR, RESULTS_NAME, TENSORBOARD_DIR
 from flexround_pl.utils import is_rank_zero, write_json_atomic
-
-RESULTS_NAME = "results.json"
 
 # Trainer arguments the driver owns for every per-block trainer.
 _BLOCK_TRAINER_FIXED = dict(
@@ -96,7 +94,7 @@ class TrainerSettings:
             if isinstance(logger, dict):
                 self._logger = instantiate_class((), logger)
             else:
-                self._logger = TensorBoardLogger(self.root, name="tensorboard", version="")
+                self._logger = TensorBoardLogger(self.root, name=TENSORBOARD_DIR, version="")
         return self._logger
 
     def _callbacks(self) -> list[L.Callback]:
@@ -407,7 +405,7 @@ def _write_export(model: PTQModel, settings: TrainerSettings, summary: dict[str,
 
 def _cache_dir(configured: Optional[str], root: str) -> str:
     """The disk cache directory: ``reconstruction.cache_dir`` or ``<run dir>/cache`` (file names are unique per process)."""
-    return os.path.abspath(os.path.expanduser(configured)) if configured else os.path.join(root, "cache")
+    return os.path.abspath(os.path.expanduser(configured)) if configured else os.path.join(root, CACHE_DIR)
 
 
 def _silent(message: str) -> None:

@@ -205,3 +205,100 @@ def test_fingerprint_ignores_display_settings_only():
         node[path[-1]] = value
         assert fingerprint(changed) != fp, path
         assert ".".join(path) in describe_changes(fp, fingerprint(changed))
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """The ``flexround_pl: error:`` lines of ``stderr``: exactly one, the last line, no traceback."""
+    errors = [line for line in stderr.splitlines() if line.startswith("flexround_pl: error:")]
+    assert len(errors) == 1 and errors[0] == stderr.strip().splitlines()[-1] and "Traceback" not in stderr, stderr
+    return errors
+
+
+def _fit_args(cfg: str, run, *extra: str) -> list[str]:
+    return ["fit", "--config", cfg, "--trainer.default_root_dir", str(run), *extra]
+
+
+def test_a_block_file_of_another_configuration_is_refused_on_resume(tmp_path, reference, capfd):
+    """What two runs racing in one directory leave (issue 17): state.json of the bits-3 run, but block 0
+    overwritten by a bits-4 run. The resume must refuse it, not load 4-bit codes into a 3-bit run."""
+    cfg, ref_run = reference
+    other = tmp_path / "bits4"
+    assert main(_fit_args(cfg, other, "--model.quant.weight.bits", "4", "--export", "false")) == 0
+    run = tmp_path / "run"
+    shutil.copytree(ref_run, run)
+    shutil.copy(other / "resume" / "block_000.safetensors", run / "resume" / "block_000.safetensors")
+    before = {p: (run / p).read_bytes() for p in ("config.yaml", "results.json", "quantized.safetensors")}
+    capfd.readouterr()
+
+    assert main(_fit_args(cfg, run)) == 2
+    err = _error_lines(capfd.readouterr().err)
+    assert "block_000.safetensors was written by a run with another configuration" in err[0]
+    assert "model.quant.weight.bits: 4 -> 3" in err[0] and "--fresh true" in err[0]
+    assert {p: (run / p).read_bytes() for p in before} == before  # nothing rewritten
+
+    assert main(_fit_args(cfg, run, "--fresh", "true")) == 0
+    _assert_bitwise_equal(_codes(run), _codes(ref_run))
+
+
+HOLD_LOCK = """
+import sys, time
+from flexround_pl import rundir
+with rundir.locked(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_directory_in_use_is_refused_and_a_killed_holders_lock_is_taken_over(tmp_path, reference, capfd):
+    cfg, ref_run = reference
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], cwd=REPO, env=_env(str(tmp_path)),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capfd.readouterr()
+        assert main(_fit_args(cfg, run)) == 2
+        err = _error_lines(capfd.readouterr().err)
+        assert f"is in use by another flexround_pl run (PID {holder.pid}" in err[0]
+        assert sorted(os.listdir(run)) == [".flexround_pl.lock"]  # nothing else written
+    finally:
+        holder.kill()  # SIGKILL: the holder cannot clean up its lock file
+        holder.wait()
+
+    assert main(_fit_args(cfg, run)) == 0
+    out = capfd.readouterr().out
+    assert f"took over the stale lock of run PID {holder.pid} (no longer running)" in out
+    assert (run / ".flexround_pl.lock").read_text() == ""  # a clean exit leaves no PID behind
+    _assert_bitwise_equal(_codes(run), _codes(ref_run))
+
+
+def test_two_runs_started_at_once_into_one_directory_cannot_mix_their_blocks(tmp_path, tiny_bert_dir):
+    """The issue-17 race: bits 4 and bits 3 started together in one run directory. One runs; the other
+    stops with one line (the directory is in use, or holds the other configuration) and writes nothing."""
+    cfg = _config(tmp_path, tiny_bert_dir)
+    run = tmp_path / "run"
+    env = _env(str(tmp_path))
+    procs = {}
+    for bits in (4, 3):
+        cmd = [sys.executable, "-m", "flexround_pl", *_fit_args(cfg, run, "--model.quant.weight.bits", str(bits))]
+        procs[bits] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+    outcome = {bits: (p.wait(timeout=600), p.stderr.read()) for bits, p in procs.items()}
+    winners = [bits for bits, (rc, _) in outcome.items() if rc == 0]
+    assert len(winners) == 1, outcome
+    (loser,) = set(outcome) - set(winners)
+    rc, err = outcome[loser]
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("flexround_pl: error:"), err
+    assert "is in use by another flexround_pl run (PID" in last or "another configuration" in last, last
+
+    bits = winners[0]
+    state = json.loads((run / "resume" / "state.json").read_text())
+    assert state["config"]["model.quant.weight.bits"] == bits and sorted(state["blocks"]) == ["0", "1"]
+    for name in ("block_000.safetensors", "block_001.safetensors"):
+        meta, _ = read_quantized(str(run / "resume" / name))
+        assert meta["config"]["model.quant.weight.bits"] == bits
+        assert {info["bits"] for info in meta["layers"].values()} == {bits}
+    assert json.loads((run / "results.json").read_text())["w_bits"] == bits
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["quant"]["weight"]["bits"] == bits
