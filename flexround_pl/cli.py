@@ -52,7 +52,8 @@ from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.driver import DivergenceError
 from flexround_pl.reconstruct.resume import RunState, fingerprint
 from flexround_pl.rundir import CHECKPOINT_NAME, CONFIG_NAME
-from flexround_pl.utils import is_rank_zero
+from flexround_pl.config_files import check_config_files
+from flexround_pl.utils import DiskFullError, disk_full_errors, is_rank_zero
 
 
 SUBCOMMANDS = {
@@ -94,7 +95,8 @@ class FlexRoundCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # The CLI's own trainer only carries settings; block trainers are built per block.
-        with pipeline.quiet_lightning():
+        accelerator = self.config[self.subcommand]["trainer"].get("accelerator")
+        with pipeline.quiet_lightning(), pipeline.accelerator_errors(accelerator):
             return super().instantiate_trainer(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -123,8 +125,11 @@ class FlexRoundCLI(LightningCLI):
         pipeline.preflight(model, datamodule, settings)  # writes nothing
         config_fingerprint = fingerprint(config.as_dict())
         # one fit per run directory, from reading its resume state to the last output (rank 0 holds it)
-        with rundir.locked(settings.root) if is_rank_zero() else contextlib.nullcontext():
+        with rundir.locked(settings.root) if is_rank_zero() else contextlib.nullcontext(), \
+                disk_full_errors(settings.root):
             state = RunState.open(settings.root, config_fingerprint, fresh=bool(config.get("fresh")))  # refuses another config
+            if is_rank_zero():
+                rundir.remove_temp_files(settings.root)  # left by killed writes; the lock says none is live
             saved = config.clone()
             saved.fresh = False  # config.yaml re-runs (resumes) this run; it does not wipe it again
             if is_rank_zero():
@@ -176,6 +181,7 @@ class FlexRoundCLI(LightningCLI):
 
 def main(args: Optional[list[str]] = None) -> int:
     try:
+        check_config_files(sys.argv[1:] if args is None else args)
         FlexRoundCLI(args=args)
     except ArgumentError as err:
         print(f"flexround_pl: error: {_one_line(err)}", file=sys.stderr)
@@ -183,9 +189,13 @@ def main(args: Optional[list[str]] = None) -> int:
     except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         print(f"flexround_pl: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except DivergenceError as err:
+    except (DivergenceError, DiskFullError) as err:
         print(f"flexround_pl: error: {_one_line(err)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("flexround_pl: interrupted: the finished blocks are saved in the run directory (resume/); "
+              "re-run the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
@@ -41,7 +42,7 @@ from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.driver import BlockResult, quantize_blocks, quantize_outside_blocks
 from flexround_pl.reconstruct.module import calibrate_model_activations
 from flexround_pl.rundir import CACHE_DIR, CHECKPOINT_NAME, EXPORT_DIR, RESULTS_NAME, TENSORBOARD_DIR
-from flexround_pl.utils import is_rank_zero, write_json_atomic
+from flexround_pl.utils import check_writable_dir, is_rank_zero, write_json_atomic
 
 # Trainer arguments the driver owns for every per-block trainer.
 _BLOCK_TRAINER_FIXED = dict(
@@ -219,6 +220,44 @@ def check_quantizable(net: torch.nn.Module, arch: Any, quant: Any) -> list[str]:
     return names
 
 
+def check_trainer(settings: TrainerSettings) -> None:
+    """Build the eval trainer once (device / precision errors up front); refuse settings that measure nothing."""
+    with accelerator_errors(settings.settings.get("accelerator")):
+        trainer = settings.eval_trainer()
+    limit = settings.settings.get("limit_val_batches")
+    if limit is not None and float(limit) == 0:
+        raise ValueError(
+            "trainer.limit_val_batches 0 evaluates nothing: the FP and quantized metrics would be empty; "
+            "use a positive number of batches, a fraction such as 0.25, or remove it (all batches)"
+        )
+    precision = str(settings.settings.get("precision") or "")
+    if precision.startswith("16") and trainer.strategy.root_device.type == "cpu":
+        # CPU float16 autocast: slow, few kernels, and fp16 overflows are what DivergenceError reports
+        raise ValueError(
+            f"trainer.precision {precision} on CPU: float16 is a GPU format; use --trainer.precision bf16-mixed "
+            "(or 32-true) on CPU"
+        )
+
+
+@contextmanager
+def accelerator_errors(accelerator: Any) -> Iterator[None]:
+    """A missing accelerator, or its package, while building a trainer: one ``ValueError`` with the fix."""
+    try:
+        yield
+    except ModuleNotFoundError as e:  # Lightning's accelerators import their backend (tpu: torch_xla)
+        raise ValueError(
+            f"trainer.accelerator {accelerator!r} needs a package that is not installed ({e}); "
+            "install it, or use --trainer.accelerator cpu (or auto)"
+        ) from None
+    except MisconfigurationException as e:
+        if "backend found" not in str(e) and "not available" not in str(e):
+            raise
+        raise ValueError(
+            f"trainer.accelerator {accelerator!r} is not available on this machine ({' '.join(str(e).split())}); "
+            "use --trainer.accelerator cpu, or auto to take whatever is there"
+        ) from None
+
+
 def preflight(model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings) -> None:
     """Check the inputs of a run up front (``ValueError`` with one clear message); writes nothing.
 
@@ -226,16 +265,12 @@ def preflight(model: PTQModel, datamodule: PTQDataModule, settings: TrainerSetti
     trainer (device / precision errors), checks every quantizable layer's
     shape and fetches one calibration batch.
     """
-    root = settings.root
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise ValueError(f"trainer.default_root_dir {root!r} is a file, not a directory")
-    parent = root
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"trainer.default_root_dir {root!r} cannot be written (no permission on {parent!r})")
+    check_writable_dir(settings.root, "trainer.default_root_dir")
+    recon = model.reconstruction
+    if recon.cache != "memory" and recon.cache_dir:
+        check_writable_dir(recon.cache_dir, "model.reconstruction.cache_dir")
     model.source.check()
-    settings.eval_trainer()
+    check_trainer(settings)
     prepare(model, datamodule)
     assert model.net is not None and model.arch is not None
     check_quantizable(model.net, model.arch, model.quant)

@@ -34,6 +34,26 @@ LOCK_NAME = ".flexround_pl.lock"
 TEMP_PATTERNS = ("tmp*.tmp", ".tmp-*.safetensors", ".tmp-export-*")
 
 
+def remove_temp_files(root: str) -> list[str]:
+    """Delete what killed atomic writes left in ``root`` and ``root/resume``; returns the paths removed.
+
+    Call it holding :func:`locked`: then no live writer owns a temporary file there.
+    """
+    import glob
+    import shutil
+
+    removed = []
+    for directory in (root, os.path.join(root, STATE_DIR)):
+        for pattern in TEMP_PATTERNS:
+            for path in glob.glob(os.path.join(glob.escape(directory), pattern)):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+                removed.append(path)
+    return removed
+
+
 class RunDirLocked(ValueError):
     """Another live process holds the run directory (the CLI: one error line, exit 2)."""
 
@@ -94,5 +114,5 @@ def locked(root: str, note: Callable[[str], None] = print) -> Iterator[None]:
 
 __all__ = [
     "CACHE_DIR", "CHECKPOINT_NAME", "CONFIG_NAME", "EXPORT_DIR", "LOCK_NAME", "RESULTS_NAME", "RunDirLocked",
-    "STATE_DIR", "STATE_FILE", "TEMP_PATTERNS", "TENSORBOARD_DIR", "locked",
+    "STATE_DIR", "STATE_FILE", "TEMP_PATTERNS", "TENSORBOARD_DIR", "locked", "remove_temp_files",
 ]

@@ -302,3 +302,99 @@ def test_two_runs_started_at_once_into_one_directory_cannot_mix_their_blocks(tmp
     assert json.loads((run / "results.json").read_text())["w_bits"] == bits
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["quant"]["weight"]["bits"] == bits
+
+
+def test_results_and_state_are_readable_by_everyone(reference):
+    """``results.json`` / ``state.json`` came out 0600 (``mkstemp``); they follow the umask like every output."""
+    _, run = reference
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (run / "results.json", run / "resume" / "state.json", run / "quantized.safetensors"):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def test_temp_files_of_killed_writes_are_removed_and_fresh_clears_old_tensorboard_events(tmp_path, reference):
+    cfg, ref_run = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_run, run)
+    leftovers = [run / "tmpab12cd.tmp", run / ".tmp-x1y2.safetensors", run / "resume" / "tmpzz.tmp",
+                 run / "resume" / ".tmp-q9.safetensors", run / ".tmp-export-k3" / "model.safetensors"]
+    for path in leftovers:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("half written")
+    old_events = run / "tensorboard" / "events.out.tfevents.1.old-run"
+    old_events.parent.mkdir(exist_ok=True)
+    old_events.write_text("old curves")
+    assert main(_fit_args(cfg, run)) == 0  # a resume (every block finished): cleans up, keeps the curves
+    assert not any(p.exists() for p in leftovers) and not (run / ".tmp-export-k3").exists()
+    assert old_events.exists()
+    assert main(_fit_args(cfg, run, "--fresh", "true")) == 0
+    assert not old_events.exists()
+
+
+def test_ctrl_c_outside_a_blocks_fit_prints_one_line_and_the_run_resumes(tmp_path, reference, monkeypatch, capfd):
+    from flexround_pl.reconstruct.resume import RunState
+
+    cfg, ref_run = reference
+    run = tmp_path / "run"
+    save_block = RunState.save_block
+
+    def interrupted_after_block_0(self, index, *args):
+        save_block(self, index, *args)
+        raise KeyboardInterrupt  # Ctrl-C between block 0's save and block 1
+
+    monkeypatch.setattr(RunState, "save_block", interrupted_after_block_0)
+    capfd.readouterr()
+    assert main(_fit_args(cfg, run)) == 130
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "flexround_pl: interrupted: the finished blocks are saved in the run directory (resume/); "
+        "re-run the same command to resume")
+    monkeypatch.setattr(RunState, "save_block", save_block)
+    assert main(_fit_args(cfg, run)) == 0
+    assert json.loads((run / "results.json").read_text())["resumed_blocks"] == 1
+    _assert_bitwise_equal(_codes(run), _codes(ref_run))
+
+
+# What a full disk raises, as measured on a 64 KiB tmpfs: safetensors wraps the OS error in its own type.
+def _disk_full_safetensors(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("where", ["block", "checkpoint", "export"])
+def test_a_full_disk_gives_one_line_naming_the_directory_and_the_run_resumes(
+    where, tmp_path, reference, monkeypatch, capfd
+):
+    import safetensors.torch
+    import transformers
+
+    cfg, ref_run = reference
+    run = tmp_path / "run"
+    real_save = safetensors.torch.save_file
+
+    def save_file(tensors, filename, *args, **kwargs):
+        target = os.path.dirname(filename)
+        if (where == "block") == target.endswith("resume"):
+            _disk_full_safetensors()
+        return real_save(tensors, filename, *args, **kwargs)
+
+    def save_pretrained(self, directory, *args, **kwargs):
+        raise OSError(28, "No space left on device", os.path.join(directory, "model.safetensors"))
+
+    if where == "export":
+        monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_pretrained)
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    capfd.readouterr()
+    assert main(_fit_args(cfg, run)) == 1
+    (error,) = _error_lines(capfd.readouterr().err)
+    assert error.startswith("flexround_pl: error: the disk is full: a write under"), error
+    assert f"{str(run / 'resume') if where == 'block' else str(run)}" in error and "free space there" in error
+    assert not [p for p in os.listdir(run) if p.startswith((".tmp", "tmp"))]  # nothing half-written left
+
+    monkeypatch.undo()  # space freed
+    assert main(_fit_args(cfg, run)) == 0
+    assert json.loads((run / "results.json").read_text())["resumed_blocks"] == (0 if where == "block" else 2)
+    _assert_bitwise_equal(_codes(run), _codes(ref_run))

@@ -33,7 +33,7 @@ from torch import nn
 
 from flexround_pl.models import llama as _llama  # noqa: F401  (SmolLM2 is a LlamaForCausalLM)
 from flexround_pl.models.sources import ModelSource
-from flexround_pl.utils import atomic_cache_dir, default_cache_root
+from flexround_pl.utils import atomic_cache_dir, check_writable_dir, default_cache_root
 
 INFO_FILE = "gguf_info.json"
 #: Bump when the conversion recipe changes (invalidates every cached conversion).
@@ -194,6 +194,8 @@ class SmolLM2(ModelSource):
         directory, name = smollm2_dir()
         if not is_converted(directory, name, self.cache_dir):
             _require_gguf()
+            check_writable_dir(self.cache_dir or cache_root(),
+                               "model.source.init_args.cache_dir" if self.cache_dir else "FLEXROUND_PL_CACHE/gguf")
 
     def load(self, num_labels: Optional[int] = None) -> nn.Module:
         if num_labels is not None:

@@ -56,8 +56,8 @@ from flexround_pl.export.checkpoint import (
     read_quantized,
     save_quantized,
 )
-from flexround_pl.rundir import CHECKPOINT_NAME, EXPORT_DIR, RESULTS_NAME, STATE_DIR, STATE_FILE
-from flexround_pl.utils import is_rank_zero, write_json_atomic
+from flexround_pl.rundir import CHECKPOINT_NAME, EXPORT_DIR, RESULTS_NAME, STATE_DIR, STATE_FILE, TENSORBOARD_DIR
+from flexround_pl.utils import disk_full_errors, is_rank_zero, write_json_atomic
 
 STATE_FORMAT = 1
 
@@ -200,6 +200,7 @@ class RunState:
             return
         shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(os.path.join(self.root, EXPORT_DIR), ignore_errors=True)
+        shutil.rmtree(os.path.join(self.root, TENSORBOARD_DIR), ignore_errors=True)  # old runs' curves
         for name in (CHECKPOINT_NAME, RESULTS_NAME):
             path = os.path.join(self.root, name)
             if os.path.exists(path):
@@ -241,6 +242,10 @@ class RunState:
         self.blocks[index] = {"name": name, "file": f"block_{index:03d}.safetensors", "result": _plain(result)}
         if not is_rank_zero():
             return
+        with disk_full_errors(self.dir):
+            self._write_block(index, name, block)
+
+    def _write_block(self, index: int, name: str, block: nn.Module) -> None:
         os.makedirs(self.dir, exist_ok=True)
         save_quantized(
             block, os.path.join(self.dir, self.blocks[index]["file"]), {"block": name, "index": index, "config": self.config}
