@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from typing import Any, Optional
 
@@ -193,10 +194,19 @@ def main(args: Optional[list[str]] = None) -> int:
         print(f"flexround_pl: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("flexround_pl: interrupted: the finished blocks are saved in the run directory (resume/); "
-              "re-run the same command to resume", file=sys.stderr)
-        return 130
+        return _interrupted()
+    except SystemExit as exit_:
+        if isinstance(exit_.__context__, KeyboardInterrupt):  # Lightning's Ctrl-C inside a trainer: sys.exit(1)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning left SIGINT ignored
+            return _interrupted()
+        raise
     return 0
+
+
+def _interrupted() -> int:
+    print("flexround_pl: interrupted: the finished blocks are saved in the run directory (resume/); "
+          "re-run the same command to resume", file=sys.stderr)
+    return 130
 
 
 def _one_line(err: BaseException) -> str:

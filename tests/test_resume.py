@@ -396,3 +396,33 @@ def test_a_full_disk_gives_one_line_naming_the_directory_and_the_run_resumes(
     assert main(_fit_args(cfg, run)) == 0
     assert json.loads((run / "results.json").read_text())["resumed_blocks"] == (0 if where == "block" else 2)
     _assert_bitwise_equal(_codes(run), _codes(ref_run))
+
+
+def test_ctrl_c_inside_a_blocks_training_prints_the_same_line_and_the_run_resumes(
+    tmp_path, reference, monkeypatch, capfd
+):
+    """Lightning turns Ctrl-C inside ``trainer.fit`` into ``sys.exit(1)`` after its own message."""
+    import signal
+
+    from flexround_pl.reconstruct.module import BlockReconstruction
+
+    cfg, ref_run = reference
+    run = tmp_path / "run"
+    original = BlockReconstruction.training_step
+
+    def ctrl_c(self, batch, batch_idx):
+        if self.tag == "block_01" and self.global_step == 3:
+            raise KeyboardInterrupt
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(BlockReconstruction, "training_step", ctrl_c)
+    capfd.readouterr()
+    assert main(_fit_args(cfg, run)) == 130
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "flexround_pl: interrupted: the finished blocks are saved")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
+    monkeypatch.setattr(BlockReconstruction, "training_step", original)
+    assert main(_fit_args(cfg, run)) == 0
+    assert json.loads((run / "results.json").read_text())["resumed_blocks"] == 1
+    _assert_bitwise_equal(_codes(run), _codes(ref_run))
