@@ -43,6 +43,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from flexround_pl import pipeline, rundir
+from flexround_pl.config_files import check_config_files
 from flexround_pl.data.base import PTQDataModule
 from flexround_pl.export.checkpoint import (
     check_compatible,
@@ -53,7 +54,6 @@ from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.driver import DivergenceError
 from flexround_pl.reconstruct.resume import RunState, fingerprint
 from flexround_pl.rundir import CHECKPOINT_NAME, CONFIG_NAME
-from flexround_pl.config_files import check_config_files
 from flexround_pl.utils import DiskFullError, disk_full_errors, is_rank_zero
 
 
