@@ -31,14 +31,24 @@ proportional to its own weight.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from .base import WeightQuantizer, clamp_codes, round_ste
-from .config import FlexRoundConfig, GridConfig
-from .grid import UniformGrid
+from .base import WeightQuantizer, clamp_codes, register, round_ste
+from .grid import GridConfig, UniformGrid
+
+
+@dataclass
+class FlexRoundConfig:
+    """FlexRound (Lee et al., ICML 2023): learn the divisor s1*S2*s3[*s4].
+
+    ``learn_s1``: the common grid size is learned too (the paper does).
+    """
+
+    learn_s1: bool = True
 
 
 class _RoundClampSTE(torch.autograd.Function):
@@ -98,3 +108,6 @@ class FlexRoundQuantizer(WeightQuantizer):
         if zp.dim() <= x.dim() and torch.broadcast_shapes(x.shape, zp.shape) == x.shape:
             return _RoundClampSTE.apply(x, zp, self.qmin, self.qmax)
         return clamp_codes(round_ste(x) + zp, self.qmin, self.qmax)
+
+
+register("flexround", lambda weight, grid_cfg, cfg, is_conv: FlexRoundQuantizer(weight, grid_cfg, cfg.flexround, is_conv))
