@@ -14,12 +14,14 @@ from .config import (
     AdaRoundConfig,
     FlexRoundConfig,
     GridConfig,
+    LRQConfig,
     NUPESConfig,
     QuantConfig,
     validate_bits,
 )
 from .flexround import FlexRoundQuantizer
 from .grid import UniformGrid, group_view, ungroup
+from .lrq import LRQQuantizer
 from .layers import QuantConv1D, QuantConv2d, QuantizedLayer, QuantLinear
 from .nupes import NUPESQuantizer
 from .rtn import RoundToNearest
@@ -37,7 +39,7 @@ __all__ = [
     "ActivationConfig", "ActivationQuantizer", "NUPESConfig", "NUPESQuantizer",
     "activation_parameters", "activation_quantizers", "calibrate_activations", "qdrop",
     "AdaRoundConfig", "AdaRoundQuantizer", "FlexRoundConfig", "FlexRoundQuantizer",
-    "GridConfig", "QuantConfig", "QuantConv1D", "QuantConv2d", "QuantLinear",
+    "GridConfig", "LRQConfig", "LRQQuantizer", "QuantConfig", "QuantConv1D", "QuantConv2d", "QuantLinear",
     "QuantizedLayer", "RoundToNearest", "UniformGrid", "WeightQuantizer",
     "build_quantizer", "group_view", "harden_modules", "learnable_parameters",
     "quantize_modules", "quantized_layers", "round_ste", "set_hard",

@@ -18,6 +18,7 @@ ActivationGranularity = Literal["tensor", "token"]
 from .adaround import AdaRoundConfig
 from .base import method_names
 from .flexround import FlexRoundConfig
+from .lrq import LRQConfig
 from .grid import MAX_BITS, MIN_BITS, GridConfig, GridInit, Granularity, validate_bits
 from .nupes import NUPESConfig
 from . import rtn as _rtn  # noqa: F401  (registers 'rtn')
@@ -86,6 +87,7 @@ class QuantConfig:
     BRECQ, QDrop and FlexRound), ``[]`` quantizes every layer at ``weight.bits``.
     ``activation``: input quantization of the quantized layers (off by default).
     ``nupes``: settings of ``method: nupes`` (power-function weight grid).
+    ``lrq``: settings of ``method: lrq`` (FlexRound with a low-rank scale matrix).
     """
 
     method: Method = "flexround"
@@ -93,6 +95,7 @@ class QuantConfig:
     flexround: FlexRoundConfig = field(default_factory=FlexRoundConfig)
     adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
     nupes: NUPESConfig = field(default_factory=NUPESConfig)
+    lrq: LRQConfig = field(default_factory=LRQConfig)
     activation: ActivationConfig = field(default_factory=ActivationConfig)
     keep_fp: list[str] = field(default_factory=list)
     eight_bit: Optional[list[str]] = None
@@ -108,6 +111,6 @@ class QuantConfig:
 
 
 __all__ = [
-    "ActivationConfig", "AdaRoundConfig", "FlexRoundConfig", "GridConfig", "MAX_BITS", "MIN_BITS",
+    "ActivationConfig", "AdaRoundConfig", "FlexRoundConfig", "GridConfig", "LRQConfig", "MAX_BITS", "MIN_BITS",
     "Method", "NUPESConfig", "QuantConfig", "validate_bits",
 ]
