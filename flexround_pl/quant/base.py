@@ -131,21 +131,25 @@ class MethodSpec:
     ``uses_hessian``: the quantizer needs its layer's input Hessian before it
     is hardened (``compensate(weight, hessian)``, GPTQ); the block driver
     collects it from the calibration cache.
+    ``starts_anywhere``: the rounding reads the weight at every call and keeps
+    nothing computed from it but the grid, so the driver may hand it another
+    starting weight on the same grid (``quant.init_from: gptq``).
     """
 
     name: str
     build: QuantizerBuilder
     uses_hessian: bool = False
+    starts_anywhere: bool = False
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(name: str, build: QuantizerBuilder, uses_hessian: bool = False) -> None:
-    """Make ``--model.quant.method NAME`` build quantizers with ``build``."""
+def register(name: str, build: QuantizerBuilder, uses_hessian: bool = False, starts_anywhere: bool = False) -> None:
+    """Make ``--model.quant.method NAME`` build quantizers with ``build`` (flags: :class:`MethodSpec`)."""
     if name in METHODS and METHODS[name].build is not build:
         raise ValueError(f"quantization method {name!r} is registered twice")
-    METHODS[name] = MethodSpec(name, build, uses_hessian)
+    METHODS[name] = MethodSpec(name, build, uses_hessian, starts_anywhere)
 
 
 def method_names() -> tuple[str, ...]:

@@ -8,22 +8,24 @@ run switches method with the single key ``method``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Optional, Sequence
 
 ActivationInit = Literal["mse", "minmax"]
 ActivationGranularity = Literal["tensor", "token"]
 
 # every method module registers itself on import (quant.base.register); the Literal is what they registered
 from .adaround import AdaRoundConfig
-from .base import method_names
+from .base import method_names, method_spec
 from .flexround import FlexRoundConfig
+from .gptq import GPTQConfig
 from .lrq import LRQConfig
 from .grid import MAX_BITS, MIN_BITS, GridConfig, GridInit, Granularity, validate_bits
 from .nupes import NUPESConfig
 from . import rtn as _rtn  # noqa: F401  (registers 'rtn')
 
 Method = Literal[method_names()]  # type: ignore[valid-type]
+InitFrom = Literal["rtn", "gptq"]
 
 
 @dataclass
@@ -88,6 +90,11 @@ class QuantConfig:
     ``activation``: input quantization of the quantized layers (off by default).
     ``nupes``: settings of ``method: nupes`` (power-function weight grid).
     ``lrq``: settings of ``method: lrq`` (FlexRound with a low-rank scale matrix).
+    ``gptq``: settings of ``method: gptq`` and of ``init_from: gptq``.
+    ``init_from``: the weight a learned rounding starts from: ``rtn``, the FP
+    weight (at initialization the method is round-to-nearest); ``gptq``, the
+    GPTQ-compensated weight of every layer on the same grid (at
+    initialization the method *is* GPTQ), for ``flexround`` and ``lrq``.
     """
 
     method: Method = "flexround"
@@ -96,9 +103,15 @@ class QuantConfig:
     adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
     nupes: NUPESConfig = field(default_factory=NUPESConfig)
     lrq: LRQConfig = field(default_factory=LRQConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    init_from: InitFrom = "rtn"
     activation: ActivationConfig = field(default_factory=ActivationConfig)
     keep_fp: list[str] = field(default_factory=list)
     eight_bit: Optional[list[str]] = None
+
+    def as_rtn(self, **changes: Any) -> "QuantConfig":
+        """This config with round-to-nearest (and nothing to start from), plus ``changes``."""
+        return replace(self, method="rtn", init_from="rtn", **changes)
 
     def eight_bit_patterns(self, architecture_default: Sequence[str]) -> tuple[str, ...]:
         return tuple(architecture_default) if self.eight_bit is None else tuple(self.eight_bit)
@@ -108,9 +121,17 @@ class QuantConfig:
             raise ValueError(
                 f"quantization method must be one of {', '.join(method_names())}, got {self.method!r}"
             )
+        if self.init_from not in ("rtn", "gptq"):
+            raise ValueError(f"quant.init_from must be 'rtn' or 'gptq', got {self.init_from!r}")
+        if self.init_from == "gptq" and not method_spec(self.method).starts_anywhere:
+            starts = ", ".join(n for n in method_names() if method_spec(n).starts_anywhere)
+            raise ValueError(
+                f"quant.init_from gptq needs a method that can start from another weight ({starts}), "
+                f"got method {self.method!r}: use init_from rtn, or method gptq itself"
+            )
 
 
 __all__ = [
-    "ActivationConfig", "AdaRoundConfig", "FlexRoundConfig", "GridConfig", "LRQConfig", "MAX_BITS", "MIN_BITS",
+    "ActivationConfig", "AdaRoundConfig", "FlexRoundConfig", "GPTQConfig", "GridConfig", "LRQConfig", "MAX_BITS", "MIN_BITS",
     "Method", "NUPESConfig", "QuantConfig", "validate_bits",
 ]

@@ -128,4 +128,9 @@ class FlexRoundQuantizer(DivisionRounding):
         rest = self.log_S2 + self.log_s3
         return rest if self.log_s4 is None else rest + self.log_s4
 
-register("flexround", lambda weight, grid_cfg, cfg, is_conv: FlexRoundQuantizer(weight, grid_cfg, cfg.flexround, is_conv))
+
+register(
+    "flexround",
+    lambda weight, grid_cfg, cfg, is_conv: FlexRoundQuantizer(weight, grid_cfg, cfg.flexround, is_conv),
+    starts_anywhere=True,
+)

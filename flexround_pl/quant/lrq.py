@@ -99,6 +99,10 @@ class LRQQuantizer(DivisionRounding):
         return f"rank={self.rank}"
 
 
-register("lrq", lambda weight, grid_cfg, cfg, is_conv: LRQQuantizer(weight, grid_cfg, cfg.lrq, is_conv))
+register(
+    "lrq",
+    lambda weight, grid_cfg, cfg, is_conv: LRQQuantizer(weight, grid_cfg, cfg.lrq, is_conv),
+    starts_anywhere=True,
+)
 
 __all__ = ["LRQConfig", "LRQQuantizer", "lrq_rank"]

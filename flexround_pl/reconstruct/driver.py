@@ -40,6 +40,7 @@ from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.callbacks import KeepBestParameters
 from flexround_pl.reconstruct.config import ReconstructionConfig
 from flexround_pl.reconstruct.data import BlockDataModule
+from flexround_pl.reconstruct.gptq_hessian import compensate_block, uses_layer_hessians
 from flexround_pl.reconstruct.module import (
     BlockReconstruction,
     LossMean,
@@ -99,7 +100,7 @@ def _check_finite(loss: float, index: int, total: int, name: str, step: int, lr:
 
 def _shell_config(quant: QuantConfig) -> QuantConfig:
     """Cheapest config that builds a block's wrappers for loading saved hardened state into them."""
-    return dataclasses.replace(quant, method="rtn", weight=dataclasses.replace(quant.weight, init="minmax"))
+    return quant.as_rtn(weight=dataclasses.replace(quant.weight, init="minmax"))
 
 
 @dataclass
@@ -184,6 +185,8 @@ def quantize_blocks(
             continue
         swapped = quantize_modules(block, quant, keep_fp=keep_fp, eight_bit=quant.eight_bit_patterns(arch.eight_bit), prefix=name)
         block.to(device)
+        if uses_layer_hessians(quant):  # GPTQ: codes (method gptq) or starting weights (init_from gptq)
+            compensate_block(block, teacher, cache, device, recon.eval_batch_size, quant)
         calibrate_block_activations(block, cache, device, recon.eval_batch_size, quant.activation.init_samples)
         dm = BlockDataModule(cache, recon.batch_size, recon.eval_batch_size, recon.seed + i)
         loss_start: Optional[float] = None  # without training it equals loss_end: one pass fewer
@@ -244,7 +247,7 @@ def quantize_outside_blocks(model: nn.Module, arch: Architecture, quant: QuantCo
     (heads, embeddings) in FP, so this is usually empty.
     """
     keep_fp = tuple(arch.keep_fp) + tuple(quant.keep_fp)
-    rtn = dataclasses.replace(quant, method="rtn")
+    rtn = quant.as_rtn()
     swapped = quantize_modules(model, rtn, keep_fp=keep_fp, eight_bit=quant.eight_bit_patterns(arch.eight_bit))
     harden_modules(model)
     return swapped
