@@ -27,6 +27,8 @@ from flexround_pl.quant.gptq import GPTQQuantizer, gptq_on_grid
 from flexround_pl.quant.layers import QuantizedLayer
 from flexround_pl.quant.surgery import quantized_layers
 from flexround_pl.reconstruct.cache import CalibrationCache, to_device
+from flexround_pl.reconstruct.config import ReconstructionConfig
+from flexround_pl.reconstruct.data import holdout_split
 
 
 def uses_layer_hessians(quant: QuantConfig) -> bool:
@@ -101,11 +103,13 @@ def compensate_block(
     teacher: nn.Module,
     cache: CalibrationCache,
     device: torch.device,
-    batch_size: int,
     quant: QuantConfig,
-    indices: Optional[Tensor] = None,
+    recon: ReconstructionConfig,
 ) -> int:
     """GPTQ on every quantized layer of ``student`` (its teacher twin gives the Hessian).
+
+    The Hessians use the training samples only (``reconstruction.holdout``
+    keeps the held-out ones unseen by every method).
 
     ``method: gptq``: the layer's codes are fixed. ``init_from: gptq``: the
     layer's frozen starting weight becomes the GPTQ-compensated one (its
@@ -113,7 +117,8 @@ def compensate_block(
     of layers compensated.
     """
     layers = [(n, m) for n, m in quantized_layers(student) if m.quantizer is not None]
-    hessians = layer_hessians(teacher, [n for n, _ in layers], cache, device, batch_size, indices)
+    train, _ = holdout_split(len(cache), recon.holdout, recon.seed)
+    hessians = layer_hessians(teacher, [n for n, _ in layers], cache, device, recon.eval_batch_size, torch.tensor(train))
     for name, layer in layers:
         q = layer.quantizer
         if isinstance(q, GPTQQuantizer):
