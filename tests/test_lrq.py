@@ -14,17 +14,7 @@ from torch import nn
 from flexround_pl.quant import GridConfig, LRQConfig, LRQQuantizer, QuantConfig, QuantConv2d, QuantLinear
 from flexround_pl.quant.lrq import lrq_rank
 from flexround_pl.quant.surgery import learnable_parameters
-
-SHAPES = [
-    ("linear", (12, 16), False, 4),
-    ("conv", (8, 4, 3, 3), True, 9),
-    ("depthwise", (6, 1, 3, 3), True, 3),
-]
-
-
-def _weight(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g) * torch.exp(0.5 * torch.randn(shape, generator=g))
+from tests.test_quant_core import SHAPES, _weight  # FlexRound's shapes and weights
 
 
 def _rtn_reference(w, log_scale, zero_point, qmin, qmax, granularity, group_size):
