@@ -27,6 +27,8 @@ that file) with the same windows, iterations and batch size, taken from the
 runs nothing and re-reads the finished runs in the output directory;
 ``--from_summary`` adds the rows of a ``methods.py`` summary.json (their
 ``cpu_seconds`` is null when the runs predate per-phase timings).
+``--init_from gptq`` starts FlexRound / LRQ from GPTQ's compensated weights
+(rows and run directories carry ``init_from``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import methods as methods_bench  # noqa: E402
 
 METHODS = ("rtn", "gptq", "adaround", "flexround", "lrq", "autoround")
 TRAINS_NOTHING = ("rtn", "gptq")
-KEY = ("method", "bits", "granularity", "group_size", "steps")
+KEY = ("method", "bits", "granularity", "group_size", "steps", "init_from")
 
 
 def _override(extra: list[str], name: str, default: Optional[str] = None) -> Optional[str]:
@@ -55,6 +57,18 @@ def _override(extra: list[str], name: str, default: Optional[str] = None) -> Opt
         elif arg.startswith(name + "="):
             value = arg.split("=", 1)[1]
     return value
+
+
+def _init_from(run_dir: Optional[str]) -> str:
+    """``model.quant.init_from`` of a finished run (its saved ``config.yaml``), ``rtn`` before the key existed."""
+    path = os.path.join(run_dir or "", "config.yaml")
+    if not run_dir or not os.path.isfile(path):
+        return "rtn"
+    import yaml
+
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    return ((config.get("model") or {}).get("quant") or {}).get("init_from") or "rtn"
 
 
 def row_from_results(results: dict) -> dict:
@@ -73,6 +87,7 @@ def row_from_results(results: dict) -> dict:
         "cpu_seconds": phases.get("quantize", {}).get("cpu_seconds"),
         "peak_rss_mb": results.get("peak_rss_mb"),
         "lr": None if results["method"] in TRAINS_NOTHING else results.get("lr"),
+        "init_from": _init_from(results.get("run_dir")),
         "run_dir": results.get("run_dir"),
     }
 
@@ -84,21 +99,27 @@ def row_from_autoround(result: dict) -> dict:
         "group_size": None if group == -1 else group, "steps": result["iters"],
         "perplexity": result["quantized"]["perplexity"], "fp_perplexity": result.get("fp", {}).get("perplexity"),
         "fp_agreement": result["quantized"].get("fp_agreement"), "cpu_seconds": result["quantize_cpu_seconds"],
-        "peak_rss_mb": result["peak_rss_mb"], "lr": result.get("lr"), "run_dir": None,
+        "peak_rss_mb": result["peak_rss_mb"], "lr": result.get("lr"), "init_from": "rtn", "run_dir": None,
     }
 
 
-def run_dir_name(method: str, bits: int, granularity: str, group_size: Optional[int], steps: int) -> str:
+def run_dir_name(method: str, bits: int, granularity: str, group_size: Optional[int], steps: int,
+                 init_from: str = "rtn") -> str:
     grid = "channel" if granularity == "channel" else f"g{group_size}" if granularity == "group" else granularity
-    return f"{method}_w{bits}_{grid}_s{steps}"
+    start = "" if init_from == "rtn" else f"_from_{init_from}"
+    return f"{method}{start}_w{bits}_{grid}_s{steps}"
 
 
 def merge(rows: list[dict], new: list[dict]) -> list[dict]:
     """``rows`` with ``new`` added; a new row replaces an old one with the same key."""
-    keys = {tuple(r[k] for k in KEY) for r in new}
-    kept = [r for r in rows if tuple(r[k] for k in KEY) not in keys]
+    def key(r: dict) -> tuple:
+        return tuple(r.get(k, "rtn" if k == "init_from" else None) for k in KEY)
+
+    keys = {key(r) for r in new}
+    kept = [r for r in rows if key(r) not in keys]
     return sorted(kept + new, key=lambda r: (-r["bits"], r["granularity"], r["group_size"] or 0,
-                                             METHODS.index(r["method"]) if r["method"] in METHODS else 99, r["steps"]))
+                                             METHODS.index(r["method"]) if r["method"] in METHODS else 99,
+                                             r.get("init_from", "rtn") != "rtn", r["steps"]))
 
 
 def table(rows: list[dict]) -> str:
@@ -107,7 +128,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         ratio = r["perplexity"] / r["fp_perplexity"] if r.get("fp_perplexity") else None
         grid = r["granularity"] + (f" {r['group_size']}" if r["group_size"] else "")
-        cells = [r["method"], str(r["bits"]), grid, str(r["steps"]), f"{r['perplexity']:.2f}",
+        start = r.get("init_from", "rtn")
+        cells = [r["method"] + ("" if start == "rtn" else f" (from {start})"), str(r["bits"]), grid, str(r["steps"]), f"{r['perplexity']:.2f}",
                  "—" if ratio is None else f"{ratio:.2f}",
                  "—" if r.get("fp_agreement") is None else f"{r['fp_agreement']:.4f}",
                  "—" if r.get("cpu_seconds") is None else f"{r['cpu_seconds']:.0f}",
@@ -133,10 +155,14 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (bits, gran, group) in zip(axes[0], panels):
         sel = [r for r in timed if (r["bits"], r["granularity"], r["group_size"] or 0) == (bits, gran, group)]
-        for method in sorted({r["method"] for r in sel}, key=lambda m: METHODS.index(m) if m in METHODS else 99):
-            pts = sorted((r["cpu_seconds"], r["perplexity"], r["steps"]) for r in sel if r["method"] == method)
+        curves = sorted({(r["method"], r.get("init_from", "rtn")) for r in sel},
+                        key=lambda c: (METHODS.index(c[0]) if c[0] in METHODS else 99, c[1] != "rtn"))
+        for method, start in curves:
+            pts = sorted((r["cpu_seconds"], r["perplexity"], r["steps"]) for r in sel
+                         if (r["method"], r.get("init_from", "rtn")) == (method, start))
             color = COLORS.get(method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=method)
+            label = method if start == "rtn" else f"{method} from {start}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if start == "rtn" else "s--", color=color, label=label)
             for x, y, steps in pts:
                 if steps:
                     ax.annotate(str(steps), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
@@ -181,6 +207,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--steps", nargs="+", type=int, default=[40], help="steps per block of the learned methods")
     parser.add_argument("--granularity", default="channel", choices=("channel", "group"))
     parser.add_argument("--group_size", type=int, default=64)
+    parser.add_argument("--init_from", default="rtn", choices=("rtn", "gptq"),
+                        help="quant.init_from of the learned methods FlexRound / LRQ (gptq: start from GPTQ's weights)")
     parser.add_argument("--out", default=None, help="quality.json path (runs go in its directory)")
     parser.add_argument("--autoround_python", default="/tmp/arvenv/bin/python")
     parser.add_argument("--collect", action="store_true", help="run nothing: re-read the finished runs")
@@ -214,11 +242,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                         if result is not None:
                             new.append(row_from_autoround(result))
                     continue
-                root = os.path.join(out_dir, run_dir_name(method, bits, args.granularity, group_size, steps))
+                start = args.init_from if method in ("flexround", "lrq") else "rtn"
+                root = os.path.join(out_dir, run_dir_name(method, bits, args.granularity, group_size, steps, start))
                 if args.collect:
                     results = methods_bench.read_one(root)
                 else:
-                    run_extra = [*grid, "--trainer.max_steps", str(steps), *extra]
+                    run_extra = [*grid, "--trainer.max_steps", str(steps), "--model.quant.init_from", start, *extra]
                     results = methods_bench.run_one(args.config, method, bits, root, run_extra)
                 new.append(row_from_results(results))
     rows = merge(rows, new)

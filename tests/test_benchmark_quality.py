@@ -44,7 +44,21 @@ def test_collect_writes_the_rows_the_issue_asks_for_and_merges(tmp_path, capsys)
     lrq40 = rows[2]
     assert FIELDS <= set(lrq40) and lrq40["perplexity"] == 19.0  # the re-read run replaced the old row
     assert lrq40["cpu_seconds"] == 460.0 and lrq40["group_size"] is None and lrq40["fp_perplexity"] == 16.5
+    assert lrq40["init_from"] == "rtn"
     assert "| gptq | 4 | channel | 0 | 25.00 | 1.52 |" in capsys.readouterr().out
+
+
+def test_a_run_started_from_gptq_is_its_own_row(tmp_path):
+    run = tmp_path / quality.run_dir_name("flexround", 4, "channel", None, 40, "gptq")
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(_results("flexround", 4, 40, 18.0, 500.0)))
+    (run / "config.yaml").write_text("model:\n  quant:\n    init_from: gptq\n")
+    _finish(tmp_path, "flexround", 4, 40, 19.0, 450.0)
+    out = tmp_path / "quality.json"
+    for start in ("rtn", "gptq"):
+        quality.main(["--config", "c.yaml", "--methods", "flexround", "--collect", "--init_from", start, "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["init_from"], r["perplexity"]) for r in rows] == [("rtn", 19.0), ("gptq", 18.0)]
 
 
 def test_autoround_without_its_venv_is_skipped_with_a_message(tmp_path, capsys):
