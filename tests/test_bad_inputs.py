@@ -22,7 +22,7 @@ CASES = {
     "bits out of range": (["--model.quant.weight.bits", "9"], "bits must be an integer from 2 to 8, got 9"),
     "bits not a number": (["--model.quant.weight.bits", "four"], '"model.quant.weight.bits": Expected a'),
     "unknown granularity": (["--model.quant.weight.granularity", "row"], "model.quant.weight.granularity"),
-    "unknown method": (["--model.quant.method", "gptq"], '"model.quant.method"'),
+    "unknown method": (["--model.quant.method", "awq"], '"model.quant.method"'),
     "group size vs layer shapes": (
         ["--model.quant.weight.granularity", "group", "--model.quant.weight.group_size", "24"],
         "group_size=24 does not divide the input size of 12 of 12 layers",

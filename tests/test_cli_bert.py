@@ -61,7 +61,7 @@ def write_config(tmp_path, model_dir: str, **quant) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("method", ["flexround", "adaround"])
+@pytest.mark.parametrize("method", ["flexround", "adaround", "lrq"])
 def test_fit_writes_results_and_every_block_improves(tmp_path, tiny_bert_dir, method):
     model_dir = tiny_bert_dir
     cfg = write_config(tmp_path, model_dir)

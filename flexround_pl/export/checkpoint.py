@@ -295,7 +295,7 @@ def _skeleton_config(info: dict[str, Any], quant: Optional[Any]) -> Any:
         group_size=info["group_size"],
         init="minmax",
     )
-    changes: dict[str, Any] = {"method": "rtn", "weight": grid}
+    changes: dict[str, Any] = {"method": "rtn", "init_from": "rtn", "weight": grid}
     activation = getattr(base, "activation", None)
     if activation is not None:
         changes["activation"] = dataclasses.replace(
