@@ -283,7 +283,7 @@ def run(
     device = settings.eval_trainer().strategy.root_device
     blocks = model.arch.blocks(model.net)
     cache = CalibrationCache.capture(
-        lambda inputs: model(inputs), blocks[0][1], datamodule.calibration_dataloader(),
+        lambda inputs: model(inputs), [b for _, b in blocks], datamodule.calibration_dataloader(),
         cache=recon.cache, cache_dir=_cache_dir(recon.cache_dir, settings.root),
     )
     where = f"on disk ({cache.storage.directory})" if cache.storage.on_disk else "in memory"

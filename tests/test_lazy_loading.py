@@ -194,9 +194,12 @@ def test_lazy_fit_resumes_after_the_last_saved_block(runs):
 # ---------------------------------------------------------------------- bad inputs
 
 
-def _bloom_dir(path: str) -> str:
-    """A causal LM family without an architecture adapter."""
-    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=2)
+def _fused_moe_dir(path: str) -> str:
+    """A causal LM no adapter can serve: Mixtral's experts are fused 3-D tensors, no Linear to quantize."""
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2,
+    )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
@@ -214,7 +217,7 @@ def _no_safetensors_dir(path: str) -> str:
     "make, message",
     [
         (_no_safetensors_dir, "lazy: true needs the model as \\*.safetensors files"),
-        (_bloom_dir, "lazy: true loads the model block by block, but its blocks cannot be found: no architecture adapter"),
+        (_fused_moe_dir, "MixtralForCausalLM: the experts of model.layers.0.mlp.experts .* are fused 3-D tensors"),
     ],
     ids=["no_safetensors", "no_adapter"],
 )

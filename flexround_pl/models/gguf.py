@@ -31,7 +31,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from flexround_pl.models import llama as _llama  # noqa: F401  (SmolLM2 is a LlamaForCausalLM)
 from flexround_pl.models.sources import ModelSource
 from flexround_pl.utils import atomic_cache_dir, default_cache_root
 

@@ -106,6 +106,7 @@ class HFModel(ModelSource):
                 from flexround_pl.models.lazy import Shards
 
                 Shards(path)  # ValueError if the directory has no safetensors files
+            self.check_model_class(path)
             return
         # A hub id is "name" or "org/name"; anything else is meant as a path.
         if path.startswith((".", "/")) or path.count("/") > 1:
@@ -118,6 +119,18 @@ class HFModel(ModelSource):
                 f"model {self.name_or_path!r} is not a local directory and HF_HUB_OFFLINE is set; "
                 "download it first or point model.source.name_or_path at a local copy"
             )
+
+    def check_model_class(self, path: str) -> None:
+        """From the config alone (before a GGUF conversion or any load): an adapter serves the class."""
+        from flexround_pl.models.generic import check_model_class, config_or_error
+
+        if self.gguf_file:
+            from flexround_pl.models.gguf import _gguf_path
+
+            _gguf_path(path, self.gguf_file)  # ValueError if the file is missing
+        if not self.gguf_file and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"model directory {path!r} has no config.json; save it with save_pretrained")
+        check_model_class(config_or_error(path, self.gguf_file, **self._kwargs()), self.task)
 
     def _kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {}
