@@ -140,14 +140,14 @@ def config_or_error(path: str, gguf_file: Optional[str] = None, **kwargs: Any) -
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
-        return transformers.AutoConfig.from_pretrained(path, **kwargs)
+        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, **kwargs)
     except ValueError as e:
         text = str(e)
         if gguf_file and "is not supported yet" in text:
             from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
             raise ValueError(
-                f"transformers {transformers.__version__} cannot read this GGUF file ({text}; it reads "
+                f"transformers {transformers.__version__} cannot read this GGUF file ({text.rstrip('.')}; it reads "
                 f"{', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))}); "
                 "use the model's original safetensors checkpoint instead (model.source.name_or_path, no gguf_file)"
             ) from None
