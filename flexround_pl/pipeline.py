@@ -37,6 +37,7 @@ from flexround_pl.export.checkpoint import (
 )
 from flexround_pl.export.fake_quant import EXPORT_DIR, export_fake_quant
 from flexround_pl.models import lazy
+from flexround_pl.models.moe import expert_tokens
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.driver import quantize_blocks, quantize_outside_blocks
@@ -298,6 +299,9 @@ def run(
     outside = quantize_outside_blocks(model.net, model.arch, quant)
     if outside:
         log(f"round-to-nearest outside blocks: {', '.join(outside)}")
+    routed = expert_tokens(model.net)  # MoE: calibration tokens each expert saw (empty for dense models)
+    for name, counts in routed.items():
+        log(f"{name}: calibration tokens per expert {counts}")
     calibrate_model_activations(
         model.net, model, datamodule.calibration_dataloader, quant.activation.init_samples
     )  # activation quantizers outside blocks (e.g. a CNN's last layer input)
@@ -346,6 +350,7 @@ def run(
         "quantized": q_metrics,
         "blocks": [asdict(b) for b in block_results],
         "outside_blocks_rtn": outside,
+        **({"expert_tokens": routed} if routed else {}),
         "size_mb": {"quantized": ckpt_nbytes / 2**20, "fp": fp_nbytes / 2**20},
         "quantized_weights_mb": dict(zip(("packed", "fp"), (n / 2**20 for n in quantized_weight_nbytes(model.net)))),
         "resumed_blocks": resumed,

@@ -23,8 +23,8 @@ full attention need nothing here.
 Refused with one line, at load time (and in preflight, from the config alone,
 see :func:`check_model_class`): encoder-decoder models, models without such a
 layer list, DeBERTa-v2 with its convolution between the first two layers, and
-mixture-of-experts layers whose experts are fused 3-D tensors (no ``Linear``
-to quantize).
+mixture-of-experts layers whose fused 3-D expert tensors models/moe.py cannot
+split into ``Linear`` layers (Mixtral's and Qwen2/3-MoE's it can).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from torch import nn
 from flexround_pl.models.adapter import Architecture, _REGISTRY, register_fallback
 from flexround_pl.models.gpt2 import disable_kv_cache
 from flexround_pl.models.gpt_neo import share_batch_invariant_mask
+from flexround_pl.models.moe import EXPERT_NAMES, is_fused_experts, unfuse_experts
 
 
 def _num_layers(config: Any) -> Optional[int]:
@@ -86,17 +87,18 @@ def _refuse_unsupported_layers(model: nn.Module, block_path: str) -> None:
                 "reconstruction cannot reproduce; use a checkpoint with conv_kernel_size: 0"
             )
     layers = model.get_submodule(block_path)
-    for name, m in layers[0].named_modules():
-        fused = [p for pname, p in m.named_parameters(recurse=False) if p.dim() == 3 and "expert" in type(m).__name__.lower()]
-        if fused:
+    for name, m in layers.named_modules():
+        if is_fused_experts(m):
             raise ValueError(
-                f"{cls}: the experts of {block_path}.0.{name} ({type(m).__name__}) are fused 3-D tensors, "
-                "not Linear layers; flexround_pl cannot quantize them yet (use a dense model)"
+                f"{cls}: the experts of {block_path}.{name} ({type(m).__name__}) are fused 3-D tensors that "
+                f"flexround_pl cannot split into Linear layers (it splits {', '.join(sorted(EXPERT_NAMES))}); "
+                "add the class to models/moe.py EXPERT_NAMES"
             )
 
 
-def share_masks(model: nn.Module, block_path: str) -> nn.Module:
-    """Each block gets a batch-invariant ``attention_mask`` as ``mask[:1]`` (see models/gpt_neo.py)."""
+def prepare_generic(model: nn.Module, block_path: str) -> nn.Module:
+    """KV cache off; MoE experts as Linear layers (models/moe.py); a batch-invariant mask passed as ``mask[:1]``."""
+    unfuse_experts(model)
     for block in model.get_submodule(block_path):
         if not getattr(block, "_flexround_shared_mask", False):
             block.register_forward_pre_hook(share_batch_invariant_mask, with_kwargs=True)
@@ -114,7 +116,7 @@ def generic_architecture(model: nn.Module) -> Architecture:
         class_names=(type(model).__name__,),
         block_path=block_path,
         keep_fp=(rf"^(?!{re.escape(block_path)}\.)",),  # every layer outside the blocks
-        prepare=lambda m: share_masks(m, block_path),
+        prepare=lambda m: prepare_generic(m, block_path),
     )
 
 
@@ -160,7 +162,7 @@ def config_or_error(path: str, gguf_file: Optional[str] = None, **kwargs: Any) -
         raise
 
 
-def check_model_class(config: Any, task: str) -> str:
+def check_model_class(config: Any, task: str, lazy: bool = False) -> str:
     """The model class ``task`` builds from ``config``, after checking an adapter can serve it.
 
     The model is built on the ``meta`` device (no memory, no weights read) so
@@ -176,4 +178,6 @@ def check_model_class(config: Any, task: str) -> str:
     cls = type(model).__name__
     if cls not in _REGISTRY:
         generic_architecture(model)  # ValueError with the reason
+    if lazy:
+        unfuse_experts(model)  # ValueError: a lazy (meta) model's experts cannot be split
     return cls

@@ -130,7 +130,7 @@ class HFModel(ModelSource):
             _gguf_path(path, self.gguf_file)  # ValueError if the file is missing
         if not self.gguf_file and not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"model directory {path!r} has no config.json; save it with save_pretrained")
-        check_model_class(config_or_error(path, self.gguf_file, **self._kwargs()), self.task)
+        check_model_class(config_or_error(path, self.gguf_file, **self._kwargs()), self.task, self.lazy)
 
     def _kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {}

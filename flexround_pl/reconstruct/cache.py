@@ -585,8 +585,18 @@ class CalibrationCache:
         return result
 
     def compute_targets(self, teacher: nn.Module, device: torch.device, batch_size: int) -> None:
-        """FP outputs of the current block: the reconstruction targets."""
-        self.targets = self.apply(teacher, self.fp_inputs, device, batch_size)
+        """FP outputs of the current block: the reconstruction targets.
+
+        This is the one pass of each block over the FP calibration inputs:
+        modules counting calibration statistics (MoE tokens per expert,
+        models/moe.py) count while :func:`in_target_pass` is true.
+        """
+        global _TARGET_PASS
+        _TARGET_PASS = True
+        try:
+            self.targets = self.apply(teacher, self.fp_inputs, device, batch_size)
+        finally:
+            _TARGET_PASS = False
 
     def advance(
         self, hardened_block: nn.Module, device: torch.device, batch_size: int,
@@ -607,6 +617,14 @@ class CalibrationCache:
         if self.targets is not None:
             tensors.append(self.targets)
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+_TARGET_PASS = False
+
+
+def in_target_pass() -> bool:
+    """True while :meth:`CalibrationCache.compute_targets` runs a block (once per block, FP inputs)."""
+    return _TARGET_PASS
 
 
 def to_device(tree: Any, device: torch.device) -> Any:
