@@ -60,6 +60,16 @@ DECODERS = {
         lambda: transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB),
         "FalconForCausalLM",
     ),
+    # specific adapters (models/gpt2.py, opt.py, gpt_neo.py)
+    "gpt2": (lambda: transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB),
+             "GPT2LMHeadModel"),
+    "opt": (lambda: transformers.OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                                           max_position_embeddings=64, word_embed_proj_dim=16, vocab_size=VOCAB),
+            "OPTForCausalLM"),
+    "gpt_neo": (lambda: transformers.GPTNeoConfig(hidden_size=32, num_layers=2, attention_types=[[["global", "local"], 1]],
+                                                  num_heads=2, max_position_embeddings=64, window_size=4,
+                                                  intermediate_size=64, vocab_size=VOCAB),
+                "GPTNeoForCausalLM"),
 }
 
 MOE = {
@@ -77,6 +87,7 @@ BERT_VOCAB = 30522  # the MiniLM (BERT word-piece) tokenizer the encoders are sa
 ENCODER_SMALL = dict(vocab_size=BERT_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64, num_labels=3, pad_token_id=0)
 ENCODERS = {
+    "bert": (lambda: transformers.BertConfig(**ENCODER_SMALL), "BertForSequenceClassification"),
     "roberta": (lambda: transformers.RobertaConfig(**ENCODER_SMALL), "RobertaForSequenceClassification"),
     "distilbert": (
         lambda: transformers.DistilBertConfig(vocab_size=BERT_VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
