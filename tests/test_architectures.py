@@ -463,3 +463,20 @@ def test_gemma3_270m_config_runs_end_to_end(tmp_path):
     assert results["architecture"] == "gemma3_text" and len(results["blocks"]) == 18
     assert all(b["quantized_layers"] == 7 for b in results["blocks"])
     assert 1.0 < results["fp"]["perplexity"] < 1000 and results["quantized"]["perplexity"] > 1.0
+
+
+def test_pass_through_batches_read_no_lazy_weights(tmp_path, monkeypatch):
+    """lazy: true: only the first (real) capture batch reads the blocks from the shards."""
+    from flexround_pl.models import lazy
+
+    tiny_decoder("llama").save_pretrained(str(tmp_path))
+    model = lazy.load(str(tmp_path), "causal-lm")
+    arch = find_architecture(model)
+    model = arch.prepare(model)
+    blocks = [b for _, b in arch.blocks(model)]
+    reads = []
+    real_read = lazy.Shards.read
+    monkeypatch.setattr(lazy.Shards, "read", lambda self, keys: (reads.append(len(keys)), real_read(self, keys))[1])
+    cache = CalibrationCache.capture(lambda inp: arch.forward(model, inp), blocks, _batches(n_batches=4))
+    assert len(reads) == len(blocks)  # batch 0, real blocks: each block read once
+    assert len(cache) == 16 and all(p.is_meta for b in blocks for p in b.parameters())

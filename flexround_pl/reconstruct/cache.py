@@ -389,7 +389,10 @@ class _BlockCallRecorder:
                 own = block.__dict__.get("forward")  # e.g. an accelerate hook's wrapper: put back after
                 block.forward = recording(_pass_through(structure))  # instance attribute: hooks still run
                 patched.append((block, own))
-            self._run(run_model, inputs, [self.blocks[-1].register_forward_hook(stop)])
+            from flexround_pl.models.lazy import without_loading  # (here: models imports this module)
+
+            with without_loading(self.blocks):  # a lazy block's weights are not needed
+                self._run(run_model, inputs, [self.blocks[-1].register_forward_hook(stop)])
         finally:
             for block, own in patched:
                 del block.forward
