@@ -142,7 +142,7 @@ def config_or_error(path: str, gguf_file: Optional[str] = None, **kwargs: Any) -
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
-        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, **kwargs)
+        return transformers.AutoConfig.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
     except ValueError as e:
         text = str(e)
         if gguf_file and "is not supported yet" in text:

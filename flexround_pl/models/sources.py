@@ -135,7 +135,7 @@ class HFModel(ModelSource):
         check_model_class(config_or_error(path, gguf_file, **self._kwargs()), self.task, self.lazy)
 
     def _kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {"trust_remote_code": False}  # an error, never an interactive prompt
         if self.revision:
             kw["revision"] = self.revision
         return kw
