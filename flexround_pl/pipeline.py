@@ -37,6 +37,7 @@ from flexround_pl.export.checkpoint import (
 )
 from flexround_pl.export.fake_quant import export_fake_quant
 from flexround_pl.models import lazy
+from flexround_pl.models.moe import expert_tokens
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.driver import BlockResult, quantize_blocks, quantize_outside_blocks
@@ -333,6 +334,7 @@ def run(
         "quantized": q_metrics,
         "blocks": [asdict(b) for b in quantized.blocks],
         "outside_blocks_rtn": quantized.outside_blocks_rtn,
+        **({"expert_tokens": quantized.expert_tokens} if quantized.expert_tokens else {}),
         "size_mb": {"quantized": ckpt_nbytes / 2**20, "fp": fp_nbytes / 2**20},
         "quantized_weights_mb": dict(zip(("packed", "fp"), (n / 2**20 for n in quantized_weight_nbytes(model.net)))),
         "resumed_blocks": quantized.resumed_blocks,
@@ -379,19 +381,20 @@ class _Quantized:
     outside_blocks_rtn: list[str]
     calibration_samples: int
     resumed_blocks: int
+    expert_tokens: dict[str, list[int]]  # MoE: calibration tokens each expert saw (empty for dense models)
 
 
 def _quantize(
     model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, log: Callable[[str], None],
     state: Optional[Any],
 ) -> _Quantized:
-    """Capture the calibration inputs of block 0, reconstruct every block, RTN the rest, calibrate activations."""
+    """Capture every block's calibration call, reconstruct every block, RTN the rest, calibrate activations."""
     assert model.net is not None and model.arch is not None
     quant, recon = model.quant, model.reconstruction
     device = settings.eval_trainer().strategy.root_device
     blocks = model.arch.blocks(model.net)
     cache = CalibrationCache.capture(
-        lambda inputs: model(inputs), blocks[0][1], datamodule.calibration_dataloader(),
+        lambda inputs: model(inputs), [b for _, b in blocks], datamodule.calibration_dataloader(),
         cache=recon.cache, cache_dir=_cache_dir(recon.cache_dir, settings.root),
     )
     where = f"on disk ({cache.storage.directory})" if cache.storage.on_disk else "in memory"
@@ -406,12 +409,15 @@ def _quantize(
     outside = quantize_outside_blocks(model.net, model.arch, quant)
     if outside:
         log(f"round-to-nearest outside blocks: {', '.join(outside)}")
+    routed = expert_tokens(model.net)  # MoE: calibration tokens each expert saw (empty for dense models)
+    for name, counts in routed.items():
+        log(f"{name}: calibration tokens per expert {counts}")
     calibrate_model_activations(
         model.net, model, datamodule.calibration_dataloader, quant.activation.init_samples
     )  # activation quantizers outside blocks (e.g. a CNN's last layer input)
     n_calibration = len(cache)
     del cache
-    return _Quantized(block_results, outside, n_calibration, resumed)
+    return _Quantized(block_results, outside, n_calibration, resumed, routed)
 
 
 def _write_checkpoint(

@@ -115,6 +115,7 @@ class HFModel(ModelSource):
 
                 Shards(path)  # ValueError if the directory has no safetensors files
             check_model_dir(path, self.gguf_file)
+            self.check_model_class(path)
             return
         if os.path.exists(path):
             raise ValueError(
@@ -133,8 +134,22 @@ class HFModel(ModelSource):
                 "download it first or point model.source.name_or_path at a local copy"
             )
 
+    def check_model_class(self, path: str) -> None:
+        """From the config alone (before a GGUF conversion or any load): an adapter serves the class."""
+        from flexround_pl.models.generic import check_model_class, config_or_error
+
+        gguf_file = self.gguf_file
+        if gguf_file:
+            from flexround_pl.models.gguf import converted_dir, is_converted
+
+            if is_converted(path, gguf_file):  # (ValueError if the file is missing)
+                path, gguf_file = converted_dir(path, gguf_file), None  # its config.json: no GGUF header to parse
+        elif not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"model directory {path!r} has no config.json; save it with save_pretrained")
+        check_model_class(config_or_error(path, gguf_file, **self._kwargs()), self.task, self.lazy)
+
     def _kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {"trust_remote_code": False}  # an error, never an interactive prompt
         if self.revision:
             kw["revision"] = self.revision
         return kw
