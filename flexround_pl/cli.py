@@ -39,6 +39,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from flexround_pl import pipeline
 from flexround_pl.data.base import PTQDataModule
+from flexround_pl.evaluate.lm_eval import EvalConfig, LmEvalConfig, LmEvalRunner
 from flexround_pl.export.checkpoint import (
     CHECKPOINT_NAME,
     check_compatible,
@@ -104,9 +105,19 @@ class FlexRoundCLI(LightningCLI):
             "--export", type=bool, default=True,
             help="fit: also write <run dir>/export/, the dequantized model loadable without flexround_pl",
         )
+        parser.add_argument(
+            "--eval", type=EvalConfig, default=EvalConfig(),
+            help="evaluations beyond the data's metrics, on the FP and the quantized model "
+            "(eval.lm_eval.tasks: lm-eval-harness tasks, results in results.json under lm_eval)",
+        )
 
     def _trainer_settings(self) -> dict[str, Any]:
         return self.config[self.subcommand]["trainer"].as_dict()
+
+    def _lm_eval(self) -> LmEvalRunner:
+        section = self.config[self.subcommand].get("eval")
+        lm_eval = section.get("lm_eval") if section is not None else None
+        return LmEvalRunner(LmEvalConfig(**lm_eval.as_dict()) if lm_eval is not None else LmEvalConfig())
 
     def fit(self, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str] = None, **_: Any) -> None:
         config = self.config[self.subcommand]
@@ -116,7 +127,8 @@ class FlexRoundCLI(LightningCLI):
                 "automatically (--ckpt_path is for validate / test)"
             )
         settings = pipeline.TrainerSettings(self._trainer_settings())
-        pipeline.preflight(model, datamodule, settings)  # writes nothing
+        lm_eval = self._lm_eval()
+        pipeline.preflight(model, datamodule, settings, lm_eval)  # writes nothing
         fp = fingerprint(config.as_dict())
         state = RunState.open(settings.root, fp, fresh=bool(config.get("fresh")))  # refuses another config
         os.makedirs(settings.root, exist_ok=True)
@@ -128,7 +140,8 @@ class FlexRoundCLI(LightningCLI):
         if state.resuming:
             print(f"flexround_pl: resuming {settings.root}: {len(state.blocks)} block(s) already finished")
         self.results = pipeline.run(
-            model, datamodule, settings, state=state, export=bool(config.get("export", True)), config=fp
+            model, datamodule, settings, state=state, export=bool(config.get("export", True)), config=fp,
+            lm_eval=lm_eval,
         )
 
     def validate(self, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str] = None, **_: Any) -> None:

@@ -29,6 +29,7 @@ from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from flexround_pl.data.base import PTQDataModule
+from flexround_pl.evaluate.lm_eval import LmEvalRunner
 from flexround_pl.export.checkpoint import (
     CHECKPOINT_NAME,
     quantized_weight_nbytes,
@@ -219,12 +220,14 @@ def check_quantizable(net: torch.nn.Module, arch: Any, quant: Any) -> list[str]:
     return names
 
 
-def preflight(model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings) -> None:
+def preflight(
+    model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, lm_eval: Optional[LmEvalRunner] = None
+) -> None:
     """Check the inputs of a run up front (``ValueError`` with one clear message); writes nothing.
 
     Loads the FP model and the data (kept for :func:`run`), builds the eval
     trainer (device / precision errors), checks every quantizable layer's
-    shape and fetches one calibration batch.
+    shape and fetches one calibration batch; resolves the lm-eval tasks.
     """
     root = settings.root
     if os.path.exists(root) and not os.path.isdir(root):
@@ -242,6 +245,8 @@ def preflight(model: PTQModel, datamodule: PTQDataModule, settings: TrainerSetti
     if next(iter(datamodule.calibration_dataloader()), None) is None:
         raise ValueError("the calibration data is empty: set a positive number of calibration samples")
     datamodule.val_dataloader()
+    if lm_eval is not None:
+        lm_eval.check(model.net, lazy=bool(getattr(model.source, "lazy", False)))
 
 
 def run(
@@ -252,12 +257,14 @@ def run(
     state: Optional[Any] = None,
     export: bool = True,
     config: Optional[dict[str, Any]] = None,
+    lm_eval: Optional[LmEvalRunner] = None,
 ) -> dict[str, Any]:
     """Quantize ``model`` on ``datamodule``'s calibration data; write and return the results.
 
     ``state``: a :class:`~flexround_pl.reconstruct.resume.RunState` (resume /
     save finished blocks); ``export``: also write the plain-FP export;
-    ``config``: the run's configuration fingerprint, stored in the checkpoint.
+    ``config``: the run's configuration fingerprint, stored in the checkpoint;
+    ``lm_eval``: lm-eval tasks run on the FP and the quantized model.
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
     if not is_rank_zero():  # DDP: every rank runs the same driver; only rank 0 reports (and writes)
@@ -278,9 +285,12 @@ def run(
     if model.evaluate_fp:
         fp_metrics = evaluate(model, datamodule, settings, reference=True)
         log(f"FP metrics: {_fmt(fp_metrics)}")
+    device = settings.eval_trainer().strategy.root_device
+    lm_eval = lm_eval if lm_eval is not None and lm_eval.enabled else None
+    if lm_eval is not None and model.evaluate_fp:
+        lm_eval.score("fp", model.net, model.source.load_tokenizer(), device, log)
     phases.lap("fp_eval")
 
-    device = settings.eval_trainer().strategy.root_device
     blocks = model.arch.blocks(model.net)
     cache = CalibrationCache.capture(
         lambda inputs: model(inputs), blocks[0][1], datamodule.calibration_dataloader(),
@@ -307,6 +317,9 @@ def run(
 
     q_metrics = evaluate(model, datamodule, settings)
     log(f"quantized metrics: {_fmt(q_metrics)}" + (f"  (FP {_fmt(fp_metrics)})" if fp_metrics else ""))
+    if lm_eval is not None:
+        lm_eval.score("quantized", model.net, model.source.load_tokenizer(), device, log)
+        log("lm-eval (FP vs quantized):\n" + lm_eval.report()["table"])
     phases.lap("quantized_eval")
 
     ckpt = os.path.join(settings.root, CHECKPOINT_NAME)
@@ -354,6 +367,8 @@ def run(
         "phases": phases.laps,  # {"fp_eval" | "quantize" | "quantized_eval": {"seconds", "cpu_seconds"}}
         "peak_rss_mb": peak_rss_mb(),
     }
+    if lm_eval is not None:
+        results["lm_eval"] = lm_eval.report()
     if is_rank_zero():
         write_json_atomic(os.path.join(settings.root, "results.json"), results)
     log(f"results written to {os.path.join(settings.root, 'results.json')}")

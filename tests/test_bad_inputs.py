@@ -43,6 +43,7 @@ CASES = {
     "bad precision": (["--trainer.precision", "7"], '"trainer.precision"'),
     "gpu without a gpu": (["--trainer.accelerator", "gpu"], "gpu"),
     "fit with ckpt_path": (["--ckpt_path", "x.ckpt"], "fit does not take --ckpt_path"),
+    "lm-eval on a classifier": (["--eval.lm_eval.tasks", "[wiki_topic]"], "BertForSequenceClassification is not one"),
     "missing config file": (["--config", "/nonexistent/config.yaml"], "File does not exist"),
 }
 
