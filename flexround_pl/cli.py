@@ -25,6 +25,8 @@ Subcommands and what they leave in the run directory (``trainer.default_root_dir
   (or ``--ckpt_path FILE``) into the config's model and print FP vs quantized
   metrics on the data module's validation / test loader; the quantized metric
   is the one ``fit`` reported (same config and device).
+  ``--eval.lm_eval.tasks '[...]'`` (any subcommand) also runs lm-eval-harness
+  tasks on both models (:mod:`flexround_pl.evaluate.lm_eval`).
 """
 
 from __future__ import annotations
@@ -168,17 +170,27 @@ class FlexRoundCLI(LightningCLI):
         if saved.get("model") not in (None, model.source.describe()):
             print(f"note: {path} was made from {saved['model']}; the config's model is {model.source.describe()}")
         model.source.check()
-        settings.eval_trainer()
+        device = settings.eval_trainer().strategy.root_device
         pipeline.prepare(model, datamodule)
+        lm_eval = self._lm_eval()
+        lm_eval.check(model.net, lazy=bool(getattr(model.source, "lazy", False)))
         fp_metrics: dict[str, float] = {}
         if model.evaluate_fp:
             fp_metrics = pipeline.evaluate(model, datamodule, settings, stage, reference=True)
+            if lm_eval.enabled:
+                lm_eval.score("fp", model.net, model.source.load_tokenizer(), device)
         meta = load_quantized_model(model, path, compare)
         q_metrics = pipeline.evaluate(model, datamodule, settings, stage)
+        if lm_eval.enabled:
+            lm_eval.score("quantized", model.net, model.source.load_tokenizer(), device)
         if fp_metrics:
             print(f"FP {stage} metrics: {pipeline._fmt(fp_metrics)}")
         print(f"quantized {stage} metrics: {pipeline._fmt(q_metrics)}  ({path})")
-        return {"checkpoint": path, "fp": fp_metrics, "quantized": q_metrics, "metadata": meta}
+        results = {"checkpoint": path, "fp": fp_metrics, "quantized": q_metrics, "metadata": meta}
+        if lm_eval.enabled:
+            results["lm_eval"] = lm_eval.report()
+            print("lm-eval (FP vs quantized):\n" + results["lm_eval"]["table"])
+        return results
 
 
 def main(args: Optional[list[str]] = None) -> int:

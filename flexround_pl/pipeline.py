@@ -241,6 +241,7 @@ def preflight(
     settings.eval_trainer()
     prepare(model, datamodule)
     assert model.net is not None and model.arch is not None
+    datamodule.check_model(model.net)
     check_quantizable(model.net, model.arch, model.quant)
     if next(iter(datamodule.calibration_dataloader()), None) is None:
         raise ValueError("the calibration data is empty: set a positive number of calibration samples")

@@ -161,3 +161,19 @@ def test_bad_lm_eval_input_gives_one_line_exit_2_and_writes_nothing(case, tmp_pa
     assert len(errors) == 1 and "Traceback" not in err, err
     assert expected in errors[0], errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_validate_runs_lm_eval_on_a_saved_run_with_the_scores_of_fit(tmp_path):
+    from flexround_pl.cli import FlexRoundCLI, main
+
+    tasks = write_local_tasks(tmp_path / "tasks")
+    config = _write_config(tmp_path, _save_tiny("llama", tmp_path), max_steps=3)
+    lm_eval_args = ["--eval.lm_eval.tasks", "[tiny_ppl]", "--eval.lm_eval.include_path", tasks]
+    assert main(["fit", "--config", config, *lm_eval_args]) == 0
+    fitted = json.loads((tmp_path / "run" / "results.json").read_text())["lm_eval"]
+    # a finished run, evaluated later: the same FP and quantized scores
+    val = FlexRoundCLI(args=["validate", "--config", str(tmp_path / "run" / "config.yaml"), *lm_eval_args])
+    for which in ("fp", "quantized"):
+        assert val.results["lm_eval"][which]["tiny_ppl"]["word_perplexity"] == pytest.approx(
+            fitted[which]["tiny_ppl"]["word_perplexity"], rel=1e-6
+        )

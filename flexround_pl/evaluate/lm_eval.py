@@ -33,6 +33,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from flexround_pl.evaluate.generation import is_causal_lm
+
 INSTALL_HINT = "pip install 'flexround_pl[eval]' (or pip install lm-eval)"
 
 
@@ -99,13 +101,6 @@ class EvalConfig:
 def _require_lm_eval() -> None:
     if importlib.util.find_spec("lm_eval") is None:
         raise ValueError(f"eval.lm_eval.tasks needs the package 'lm-eval', which is not installed; {INSTALL_HINT}")
-
-
-def is_causal_lm(net: nn.Module) -> bool:
-    """A ``transformers`` causal LM (what ``HFLM`` scores): its class is in the auto causal-LM mapping."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return type(net).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 class LmEvalRunner:

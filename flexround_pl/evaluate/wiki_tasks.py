@@ -7,7 +7,8 @@ is committed) into ``<cache root>/lm_eval_tasks/<content hash>/``:
 
 * ``wiki_topic`` (multiple choice, ``acc`` / ``acc_norm``): zero-shot, which of
   the 11 topics an article belongs to, scored by the log-likelihood of each
-  topic name after ``"Title: ...\\nText: ...\\nTopic:"``;
+  topic name after ``"Title: ...\\nText: <first sentence>\\nTopic:"`` (one
+  sentence: each of the 11 choices re-reads the prompt);
 * ``wiki_ppl`` (``loglikelihood_rolling``): the articles' word perplexity,
   byte perplexity and bits per byte, lm-eval's ``wikitext`` convention (whole
   documents, NLL per word), not the token perplexity of the pipeline's
@@ -37,6 +38,12 @@ MARKER = "done"
 VERSION = 1
 
 
+def first_sentence(text: str, max_words: int = 60) -> str:
+    """The text up to its first ``". "`` (at most ``max_words`` words): the topic prompt stays short."""
+    head = text.split(". ", 1)[0].split()
+    return " ".join(head[:max_words]) + ("" if head and head[-1].endswith(".") else ".")
+
+
 def _topics() -> list[str]:
     from flexround_pl.data.offline import load_wiki_summaries, wiki_topics
 
@@ -54,7 +61,7 @@ def _data_files() -> dict[str, str]:
         return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
 
     topic_rows = [
-        {"title": a["title"], "text": a["text"], "label": topics.index(a["topic"])}
+        {"title": a["title"], "text": first_sentence(a["text"]), "label": topics.index(a["topic"])}
         for a in evaluation if a["topic"] != UNLABELLED_TOPIC
     ]
     ppl_rows = [{"title": a["title"], "text": a["text"]} for a in evaluation]
