@@ -257,3 +257,11 @@ def test_data_to_text_refuses_a_classifier_up_front(tmp_path, tiny_bert_dir, cap
     err = capfd.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("flexround_pl: error: data-to-text generates text with a causal language model")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_hub_source_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = DataToTextData(source="hub", hub_name="webnlg-challenge/web_nlg")
+    with pytest.raises(ValueError, match=r"could not load webnlg-challenge/web_nlg .* use source: files"):
+        data.setup("fit")

@@ -201,6 +201,9 @@ class LmEvalRunner:
         """Run the tasks on ``net`` and keep the scores as ``which`` (``"fp"`` or ``"quantized"``)."""
         log(f"lm-eval on the {'FP' if which == 'fp' else 'quantized'} model: {', '.join(self.config.tasks)}")
         self.scores[which] = self.run(net, tokenizer, device, log)
+        for task, row in self.scores[which].items():
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if "_stderr" not in k)
+            log(f"  {task}: {shown}")
 
     def report(self) -> dict[str, Any]:
         """The ``lm_eval`` entry of ``results.json``: settings, both score sets and their table."""
