@@ -44,3 +44,19 @@ def make_tiny_bert(path: str, num_labels: int = 3, layers: int = 2, seed: int = 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> str:
     return make_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))
+
+
+@pytest.fixture()
+def refused(capfd):
+    """``refused(expected)``: the command just run printed exactly one ``flexround_pl: error:`` line, the last,
+    containing ``expected``, and no traceback; returns that line."""
+    def check(expected: str) -> str:
+        err = capfd.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("flexround_pl: error:")]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert expected in errors[0], errors[0]
+        assert errors[0] == err.strip().splitlines()[-1]
+        return errors[0]
+
+    capfd.readouterr()  # drop what came before the command
+    return check

@@ -243,7 +243,7 @@ def test_fit_reports_the_bleu_of_greedy_generations_for_fp_and_quantized(tmp_pat
     assert 0 < results["quantized"]["fp_agreement"] <= 1
 
 
-def test_data_to_text_refuses_a_classifier_up_front(tmp_path, tiny_bert_dir, capfd):
+def test_data_to_text_refuses_a_classifier_up_front(tmp_path, tiny_bert_dir, refused):
     from flexround_pl.cli import main
 
     config = {
@@ -254,8 +254,7 @@ def test_data_to_text_refuses_a_classifier_up_front(tmp_path, tiny_bert_dir, cap
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert main(["fit", "--config", str(tmp_path / "c.yaml")]) == 2
-    err = capfd.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("flexround_pl: error: data-to-text generates text with a causal language model")
+    refused("flexround_pl: error: data-to-text generates text with a causal language model")
     assert not (tmp_path / "run").exists()
 
 
