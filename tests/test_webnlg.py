@@ -264,3 +264,18 @@ def test_the_hub_source_offline_is_one_clear_error(monkeypatch):
     data = DataToTextData(source="hub", hub_name="webnlg-challenge/web_nlg")
     with pytest.raises(ValueError, match=r"could not load webnlg-challenge/web_nlg .* use source: files"):
         data.setup("fit")
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tmp_path, num_beams):
+    """Left padding must not change what is generated (position ids follow the mask), greedy and beam."""
+    model = varied_gpt2()
+    data = _data(tmp_path, eval_batch_size=5, num_beams=num_beams, max_new_tokens=5)
+    metrics = data.metrics()
+    (batch,) = list(data.val_dataloader())
+    batched = metrics.generate(model, batch["input_ids"], batch["attention_mask"])
+    single = []
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        ids = ids[mask.bool()][None]
+        single += metrics.generate(model, ids, torch.ones_like(ids))
+    assert batched == single and any(batched)
