@@ -107,6 +107,10 @@ def test_fit_runs_lm_eval_on_fp_and_quantized_and_stores_the_table(tmp_path, cap
 
     exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "export")).eval()
     assert q_ppl == pytest.approx(hand_scores(exported)["word_perplexity"], rel=1e-4)
+    # lm-eval reseeds torch's global RNG: the quantization must not depend on it
+    assert main(["fit", "--config", config, "--trainer.default_root_dir", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+    assert plain["quantized"] == results["quantized"] and "lm_eval" not in plain
 
 
 def test_the_shipped_wiki_tasks_are_deterministic_and_disjoint_from_calibration(tmp_path):

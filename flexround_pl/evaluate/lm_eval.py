@@ -172,7 +172,7 @@ class LmEvalRunner:
         return manager
 
     @torch.no_grad()
-    def run(self, net: nn.Module, tokenizer: Any, device: torch.device, log: Callable[[str], None] = print) -> dict:
+    def run(self, net: nn.Module, tokenizer: Any, device: torch.device) -> dict:
         """``{task: {metric: value}}`` of lm-eval's tasks on ``net`` (moved to ``device`` for the run)."""
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -195,12 +195,11 @@ class LmEvalRunner:
             net.to(home).train(was_training)
         return _metrics(out["results"])
 
-
     def score(self, which: str, net: nn.Module, tokenizer: Any, device: torch.device,
               log: Callable[[str], None] = print) -> None:
         """Run the tasks on ``net`` and keep the scores as ``which`` (``"fp"`` or ``"quantized"``)."""
         log(f"lm-eval on the {'FP' if which == 'fp' else 'quantized'} model: {', '.join(self.config.tasks)}")
-        self.scores[which] = self.run(net, tokenizer, device, log)
+        self.scores[which] = self.run(net, tokenizer, device)
         for task, row in self.scores[which].items():
             shown = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if "_stderr" not in k)
             log(f"  {task}: {shown}")
