@@ -189,7 +189,6 @@ class FlexRoundCLI(LightningCLI):
         results = {"checkpoint": path, "fp": fp_metrics, "quantized": q_metrics, "metadata": meta}
         if lm_eval.enabled:
             results["lm_eval"] = lm_eval.report()
-            print("lm-eval (FP vs quantized):\n" + results["lm_eval"]["table"])
         return results
 
 

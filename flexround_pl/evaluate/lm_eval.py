@@ -203,6 +203,8 @@ class LmEvalRunner:
         for task, row in self.scores[which].items():
             shown = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if "_stderr" not in k)
             log(f"  {task}: {shown}")
+        if which == "quantized":
+            log("lm-eval (FP vs quantized):\n" + self.report()["table"])
 
     def report(self) -> dict[str, Any]:
         """The ``lm_eval`` entry of ``results.json``: settings, both score sets and their table."""
