@@ -30,6 +30,7 @@ from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from flexround_pl.data.base import PTQDataModule
+from flexround_pl.evaluate.lm_eval import LmEvalRunner
 from flexround_pl.export.checkpoint import (
     quantized_weight_nbytes,
     save_quantized,
@@ -259,12 +260,14 @@ def accelerator_errors(accelerator: Any) -> Iterator[None]:
         ) from None
 
 
-def preflight(model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings) -> None:
+def preflight(
+    model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, lm_eval: Optional[LmEvalRunner] = None
+) -> None:
     """Check the inputs of a run up front (``ValueError`` with one clear message); writes nothing.
 
     Loads the FP model and the data (kept for :func:`run`), builds the eval
     trainer (device / precision errors), checks every quantizable layer's
-    shape and fetches one calibration batch.
+    shape and fetches one calibration batch; resolves the lm-eval tasks.
     """
     check_writable_dir(settings.root, "trainer.default_root_dir")
     recon = model.reconstruction
@@ -274,10 +277,13 @@ def preflight(model: PTQModel, datamodule: PTQDataModule, settings: TrainerSetti
     check_trainer(settings)
     prepare(model, datamodule)
     assert model.net is not None and model.arch is not None
+    datamodule.check_model(model.net)
     check_quantizable(model.net, model.arch, model.quant)
     if next(iter(datamodule.calibration_dataloader()), None) is None:
         raise ValueError("the calibration data is empty: set a positive number of calibration samples")
     datamodule.val_dataloader()
+    if lm_eval is not None:
+        lm_eval.check(model.net, lazy=bool(getattr(model.source, "lazy", False)))
 
 
 def run(
@@ -288,12 +294,14 @@ def run(
     state: Optional[Any] = None,
     export: bool = True,
     config: Optional[dict[str, Any]] = None,
+    lm_eval: Optional[LmEvalRunner] = None,
 ) -> dict[str, Any]:
     """Quantize ``model`` on ``datamodule``'s calibration data; write and return the results.
 
     ``state``: a :class:`~flexround_pl.reconstruct.resume.RunState` (resume /
     save finished blocks); ``export``: also write the plain-FP export;
-    ``config``: the run's configuration fingerprint, stored in the checkpoint.
+    ``config``: the run's configuration fingerprint, stored in the checkpoint;
+    ``lm_eval``: lm-eval tasks run on the FP and the quantized model.
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
     if not is_rank_zero():  # DDP: every rank runs the same driver; only rank 0 reports (and writes)
@@ -314,6 +322,8 @@ def run(
     if model.evaluate_fp:
         fp_metrics = evaluate(model, datamodule, settings, reference=True)
         log(f"FP metrics: {_fmt(fp_metrics)}")
+    if model.evaluate_fp:
+        _score_lm_eval(lm_eval, "fp", model, settings, log)
     phases.lap("fp_eval")
 
     quantized = _quantize(model, datamodule, settings, log, state)
@@ -321,6 +331,7 @@ def run(
 
     q_metrics = evaluate(model, datamodule, settings)
     log(f"quantized metrics: {_fmt(q_metrics)}" + (f"  (FP {_fmt(fp_metrics)})" if fp_metrics else ""))
+    _score_lm_eval(lm_eval, "quantized", model, settings, log)
     phases.lap("quantized_eval")
 
     ckpt_nbytes = _write_checkpoint(model, settings, summary, q_metrics, config, log, fp_nbytes)
@@ -343,11 +354,21 @@ def run(
         "phases": phases.laps,  # {"fp_eval" | "quantize" | "quantized_eval": {"seconds", "cpu_seconds"}}
         "peak_rss_mb": peak_rss_mb(),
     }
+    if lm_eval is not None and lm_eval.enabled:
+        results["lm_eval"] = lm_eval.report()
     path = os.path.join(settings.root, RESULTS_NAME)
     if is_rank_zero():
         write_json_atomic(path, results)
     log(f"results written to {path}")
     return results
+
+
+def _score_lm_eval(
+    lm_eval: Optional[LmEvalRunner], which: str, model: PTQModel, settings: TrainerSettings, log: Callable[[str], None]
+) -> None:
+    """The lm-eval tasks on the network as it is now: ``"fp"`` before quantization, ``"quantized"`` after."""
+    if lm_eval is not None and lm_eval.enabled:
+        lm_eval.score(which, model.net, model.source.load_tokenizer(), settings.eval_trainer().strategy.root_device, log)
 
 
 def _run_summary(model: PTQModel, settings: TrainerSettings) -> dict[str, Any]:

@@ -74,3 +74,19 @@ def hf_classifier_metrics(model_dirs: tuple[str, str], csv_path: str, max_length
         "fp_agreement": (preds[0] == preds[1]).float().mean().item(),
         "n": len(rows),
     }
+
+
+@pytest.fixture()
+def refused(capfd):
+    """``refused(expected)``: the command just run printed exactly one ``flexround_pl: error:`` line, the last,
+    containing ``expected``, and no traceback; returns that line."""
+    def check(expected: str) -> str:
+        err = capfd.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("flexround_pl: error:")]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert expected in errors[0], errors[0]
+        assert errors[0] == err.strip().splitlines()[-1]
+        return errors[0]
+
+    capfd.readouterr()  # drop what came before the command
+    return check
