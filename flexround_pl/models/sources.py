@@ -114,8 +114,9 @@ class HFModel(ModelSource):
                 from flexround_pl.models.lazy import Shards
 
                 Shards(path)  # ValueError if the directory has no safetensors files
+            check_model_dir(path, self.gguf_file, weights=False)  # config.json parses
+            self.check_model_class(path)  # an adapter serves it (before asking for the weights)
             check_model_dir(path, self.gguf_file)
-            self.check_model_class(path)
             return
         if os.path.exists(path):
             raise ValueError(
@@ -208,8 +209,9 @@ class HFModel(ModelSource):
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def check_model_dir(path: str, gguf_file: Optional[str] = None) -> None:
-    """A local Hugging Face model directory: ``config.json`` parses and the weight files are there and readable.
+def check_model_dir(path: str, gguf_file: Optional[str] = None, weights: bool = True) -> None:
+    """A local Hugging Face model directory: ``config.json`` parses and (``weights``) the weight files are
+    there and readable.
 
     Reads headers only (safetensors: the JSON header and its offsets against
     the file size), so a corrupt, empty or truncated download is refused
@@ -231,6 +233,8 @@ def check_model_dir(path: str, gguf_file: Optional[str] = None) -> None:
         ) from None
     if not isinstance(parsed, dict):
         raise ValueError(f"{config} is not a model configuration (a JSON object); re-download or re-save the model")
+    if not weights:
+        return
     names = set(os.listdir(path))
     if not names & set(WEIGHT_FILES) and not any(n.endswith(".safetensors") for n in names):
         raise ValueError(
