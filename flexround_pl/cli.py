@@ -28,6 +28,8 @@ Subcommands and what they leave in the run directory (``trainer.default_root_dir
   (or ``--ckpt_path FILE``) into the config's model and print FP vs quantized
   metrics on the data module's validation / test loader; the quantized metric
   is the one ``fit`` reported (same config and device).
+  ``--eval.lm_eval.tasks '[...]'`` (any subcommand) also runs lm-eval-harness
+  tasks on both models (:mod:`flexround_pl.evaluate.lm_eval`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from flexround_pl import pipeline, rundir
 from flexround_pl.config_files import check_config_files
 from flexround_pl.data.base import PTQDataModule
+from flexround_pl.evaluate.lm_eval import EvalConfig, LmEvalConfig, LmEvalRunner
 from flexround_pl.export.checkpoint import (
     check_compatible,
     load_quantized_model,
@@ -111,9 +114,19 @@ class FlexRoundCLI(LightningCLI):
             "--export", type=bool, default=True,
             help="fit: also write <run dir>/export/, the dequantized model loadable without flexround_pl",
         )
+        parser.add_argument(
+            "--eval", type=EvalConfig, default=EvalConfig(),
+            help="evaluations beyond the data's metrics, on the FP and the quantized model "
+            "(eval.lm_eval.tasks: lm-eval-harness tasks, results in results.json under lm_eval)",
+        )
 
     def _trainer_settings(self) -> dict[str, Any]:
         return self.config[self.subcommand]["trainer"].as_dict()
+
+    def _lm_eval(self) -> LmEvalRunner:
+        section = self.config[self.subcommand].get("eval")
+        lm_eval = section.get("lm_eval") if section is not None else None
+        return LmEvalRunner(LmEvalConfig(**lm_eval.as_dict()) if lm_eval is not None else LmEvalConfig())
 
     def fit(self, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str] = None, **_: Any) -> None:
         config = self.config[self.subcommand]
@@ -123,7 +136,8 @@ class FlexRoundCLI(LightningCLI):
                 "automatically (--ckpt_path is for validate / test)"
             )
         settings = pipeline.TrainerSettings(self._trainer_settings())
-        pipeline.preflight(model, datamodule, settings)  # writes nothing
+        lm_eval = self._lm_eval()
+        pipeline.preflight(model, datamodule, settings, lm_eval)  # writes nothing
         config_fingerprint = fingerprint(config.as_dict())
         # one fit per run directory, from reading its resume state to the last output (rank 0 holds it)
         with rundir.locked(settings.root) if is_rank_zero() else contextlib.nullcontext(), \
@@ -140,7 +154,7 @@ class FlexRoundCLI(LightningCLI):
                 print(f"flexround_pl: resuming {settings.root}: {len(state.blocks)} block(s) already finished")
             self.results = pipeline.run(
                 model, datamodule, settings, state=state, export=bool(config.get("export", True)),
-                config=config_fingerprint,
+                config=config_fingerprint, lm_eval=lm_eval,
             )
 
     def validate(self, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str] = None, **_: Any) -> None:
@@ -167,17 +181,26 @@ class FlexRoundCLI(LightningCLI):
         if saved.get("model") not in (None, model.source.describe()):
             print(f"note: {path} was made from {saved['model']}; the config's model is {model.source.describe()}")
         model.source.check()
-        settings.eval_trainer()
+        device = settings.eval_trainer().strategy.root_device
         pipeline.prepare(model, datamodule)
+        lm_eval = self._lm_eval()
+        lm_eval.check(model.net, lazy=bool(getattr(model.source, "lazy", False)))
         fp_metrics: dict[str, float] = {}
         if model.evaluate_fp:
             fp_metrics = pipeline.evaluate(model, datamodule, settings, stage, reference=True)
+            if lm_eval.enabled:
+                lm_eval.score("fp", model.net, model.source.load_tokenizer(), device)
         meta = load_quantized_model(model, path, compare)
         q_metrics = pipeline.evaluate(model, datamodule, settings, stage)
+        if lm_eval.enabled:
+            lm_eval.score("quantized", model.net, model.source.load_tokenizer(), device)
         if fp_metrics:
             print(f"FP {stage} metrics: {pipeline._fmt(fp_metrics)}")
         print(f"quantized {stage} metrics: {pipeline._fmt(q_metrics)}  ({path})")
-        return {"checkpoint": path, "fp": fp_metrics, "quantized": q_metrics, "metadata": meta}
+        results = {"checkpoint": path, "fp": fp_metrics, "quantized": q_metrics, "metadata": meta}
+        if lm_eval.enabled:
+            results["lm_eval"] = lm_eval.report()
+        return results
 
 
 def main(args: Optional[list[str]] = None) -> int:

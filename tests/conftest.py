@@ -76,6 +76,22 @@ def hf_classifier_metrics(model_dirs: tuple[str, str], csv_path: str, max_length
     }
 
 
+@pytest.fixture()
+def refused(capfd):
+    """``refused(expected)``: the command just run printed exactly one ``flexround_pl: error:`` line, the last,
+    containing ``expected``, and no traceback; returns that line."""
+    def check(expected: str) -> str:
+        err = capfd.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("flexround_pl: error:")]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert expected in errors[0], errors[0]
+        assert errors[0] == err.strip().splitlines()[-1]
+        return errors[0]
+
+    capfd.readouterr()  # drop what came before the command
+    return check
+
+
 # ---------------------------------------------------------------------- text, tokenizer, configs
 
 WORDS = (
@@ -84,7 +100,7 @@ WORDS = (
 ).split()
 
 
-def _tiny_tokenizer():
+def new_tiny_tokenizer():
     """A word-level tokenizer over ``WORDS`` (vocabulary 45, unknown words -> [UNK])."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -97,7 +113,7 @@ def _tiny_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
 
 
-def _make_text(n_sentences: int, seed: int) -> str:
+def random_text(n_sentences: int, seed: int) -> str:
     """``n_sentences`` seeded random sentences over ``WORDS``."""
     import random
 
@@ -110,16 +126,16 @@ def _make_text(n_sentences: int, seed: int) -> str:
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """``tiny_tokenizer()``: a fresh word-level tokenizer (vocabulary 45)."""
-    return _tiny_tokenizer
+    return new_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
 def make_text():
     """``make_text(n_sentences, seed)``: seeded random text over the tiny tokenizer's words."""
-    return _make_text
+    return random_text
 
 
-def _write_run_config(tmp_path, source: dict, quant: dict, reconstruction: dict, data: dict,
+def write_run_config_file(tmp_path, source: dict, quant: dict, reconstruction: dict, data: dict,
                       max_steps: int, **trainer) -> str:
     """``tmp_path/config.yaml`` for a CPU ``fit`` into ``tmp_path/run``: the one YAML writer of the tests."""
     import yaml
@@ -136,8 +152,8 @@ def _write_run_config(tmp_path, source: dict, quant: dict, reconstruction: dict,
     return str(path)
 
 
-def _write_classifier_config(tmp_path, model_dir: str, **quant) -> str:
-    """A tiny-BERT classification run (FlexRound W3 per tensor, 30 steps) on a 96-row 3-label CSV."""
+def write_classification_csvs(tmp_path) -> dict[str, str]:
+    """``train.csv`` / ``eval.csv`` (48 rows each, ``text,label``, 3 labels) in ``tmp_path``; their paths."""
     words = ["alpha", "beta", "gamma", "delta", "river", "mountain", "music", "science", "war", "city"]
     rows = []
     for i in range(96):
@@ -149,7 +165,13 @@ def _write_classifier_config(tmp_path, model_dir: str, **quant) -> str:
         p = tmp_path / f"{split}.csv"
         p.write_text("text,label\n" + "\n".join(chunk) + "\n")
         files[split] = str(p)
-    return _write_run_config(
+    return files
+
+
+def _write_classifier_config(tmp_path, model_dir: str, **quant) -> str:
+    """A tiny-BERT classification run (FlexRound W3 per tensor, 30 steps) on ``write_classification_csvs``."""
+    files = write_classification_csvs(tmp_path)
+    return write_run_config_file(
         tmp_path,
         source={"class_path": "flexround_pl.models.HFModel", "init_args": {"name_or_path": model_dir}},
         quant={"method": "flexround", "weight": {"bits": 3, "granularity": "tensor"}, **quant},
@@ -161,11 +183,11 @@ def _write_classifier_config(tmp_path, model_dir: str, **quant) -> str:
     )
 
 
-def _write_lm_config(tmp_path, model_dir: str, max_steps: int = 20) -> str:
+def write_lm_run_config(tmp_path, model_dir: str, max_steps: int = 20) -> str:
     """A tiny causal-LM run (FlexRound W3 per channel) on seeded random text files."""
-    (tmp_path / "train.txt").write_text(_make_text(200, 1))
-    (tmp_path / "eval.txt").write_text(_make_text(100, 2))
-    return _write_run_config(
+    (tmp_path / "train.txt").write_text(random_text(200, 1))
+    (tmp_path / "eval.txt").write_text(random_text(100, 2))
+    return write_run_config_file(
         tmp_path,
         source={"class_path": "flexround_pl.models.HFModel",
                 "init_args": {"name_or_path": model_dir, "task": "causal-lm"}},
@@ -188,10 +210,10 @@ def write_config():
 @pytest.fixture(scope="session")
 def write_lm_config():
     """``write_lm_config(tmp_path, model_dir, max_steps=20)``: the tiny causal-LM config; returns its path."""
-    return _write_lm_config
+    return write_lm_run_config
 
 
 @pytest.fixture(scope="session")
 def write_run_config():
     """``write_run_config(tmp_path, source, quant, reconstruction, data, max_steps, **trainer)``."""
-    return _write_run_config
+    return write_run_config_file

@@ -12,7 +12,7 @@ from conftest import hf_classifier_metrics
 from flexround_pl.cli import main
 
 
-@pytest.mark.parametrize("method", ["flexround", "adaround"])
+@pytest.mark.parametrize("method", ["flexround", "adaround", "lrq"])
 def test_fit_writes_results_and_every_block_improves(tmp_path, tiny_bert_dir, method, write_config):
     model_dir = tiny_bert_dir
     cfg = write_config(tmp_path, model_dir)

@@ -22,7 +22,7 @@ from flexround_pl.quant import (
     total_regularization,
 )
 
-METHODS = ["rtn", "flexround", "adaround"]
+METHODS = ["rtn", "flexround", "adaround", "lrq"]
 
 
 def _cfg(method="flexround", **grid):

@@ -114,6 +114,8 @@ class HFModel(ModelSource):
                 from flexround_pl.models.lazy import Shards
 
                 Shards(path)  # ValueError if the directory has no safetensors files
+            check_model_dir(path, self.gguf_file, weights=False)  # config.json parses
+            self.check_model_class(path)  # an adapter serves it (before asking for the weights)
             check_model_dir(path, self.gguf_file)
             return
         if os.path.exists(path):
@@ -133,8 +135,22 @@ class HFModel(ModelSource):
                 "download it first or point model.source.name_or_path at a local copy"
             )
 
+    def check_model_class(self, path: str) -> None:
+        """From the config alone (before a GGUF conversion or any load): an adapter serves the class."""
+        from flexround_pl.models.generic import check_model_class, config_or_error
+
+        gguf_file = self.gguf_file
+        if gguf_file:
+            from flexround_pl.models.gguf import converted_dir, is_converted
+
+            if is_converted(path, gguf_file):  # (ValueError if the file is missing)
+                path, gguf_file = converted_dir(path, gguf_file), None  # its config.json: no GGUF header to parse
+        elif not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"model directory {path!r} has no config.json; save it with save_pretrained")
+        check_model_class(config_or_error(path, gguf_file, **self._kwargs()), self.task, self.lazy)
+
     def _kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {"trust_remote_code": False}  # an error, never an interactive prompt
         if self.revision:
             kw["revision"] = self.revision
         return kw
@@ -193,8 +209,9 @@ class HFModel(ModelSource):
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def check_model_dir(path: str, gguf_file: Optional[str] = None) -> None:
-    """A local Hugging Face model directory: ``config.json`` parses and the weight files are there and readable.
+def check_model_dir(path: str, gguf_file: Optional[str] = None, weights: bool = True) -> None:
+    """A local Hugging Face model directory: ``config.json`` parses and (``weights``) the weight files are
+    there and readable.
 
     Reads headers only (safetensors: the JSON header and its offsets against
     the file size), so a corrupt, empty or truncated download is refused
@@ -216,6 +233,8 @@ def check_model_dir(path: str, gguf_file: Optional[str] = None) -> None:
         ) from None
     if not isinstance(parsed, dict):
         raise ValueError(f"{config} is not a model configuration (a JSON object); re-download or re-save the model")
+    if not weights:
+        return
     names = set(os.listdir(path))
     if not names & set(WEIGHT_FILES) and not any(n.endswith(".safetensors") for n in names):
         raise ValueError(
