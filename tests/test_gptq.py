@@ -146,3 +146,15 @@ def test_cli_gptq_beats_rtn_per_block_and_init_from_gptq_starts_there(tmp_path, 
     a, b = load_file(str(gptq / "quantized.safetensors")), load_file(str(start / "quantized.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [x["loss_end"] for x in blocks["start"]] == [x["loss_end"] for x in blocks["gptq"]]
+
+
+def test_preflight_refuses_a_grouped_conv_for_gptq_only():
+    from types import SimpleNamespace
+
+    from flexround_pl.pipeline import check_quantizable
+
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, groups=4))
+    arch = SimpleNamespace(keep_fp=())
+    assert check_quantizable(net, arch, QuantConfig(method="flexround")) == ["0", "1"]
+    with pytest.raises(ValueError, match=r"^1: Conv2d with groups=4,.*keep it FP"):
+        check_quantizable(net, arch, QuantConfig(method="gptq"))
