@@ -13,9 +13,7 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("lm_eval")
-
-from flexround_pl.evaluate.lm_eval import LmEvalConfig, LmEvalRunner  # noqa: E402
+from flexround_pl.evaluate.lm_eval import LmEvalConfig, LmEvalRunner  # needs the eval extra (lm-eval)
 
 from test_causal_lm import _save_tiny, _write_config, tiny_causal_lm  # noqa: E402
 from test_lm_data import WORDS, tiny_tokenizer  # noqa: E402
