@@ -117,9 +117,7 @@ def test_init_from_gptq_only_for_methods_that_start_from_a_weight():
         GPTQConfig(percdamp=0)
 
 
-def _fit(tmp_path, tiny_bert_dir, name, *overrides):
-    from tests.test_cli_bert import write_config
-
+def _fit(write_config, tmp_path, tiny_bert_dir, name, *overrides):
     from flexround_pl.cli import main
 
     root = tmp_path / name
@@ -129,14 +127,14 @@ def _fit(tmp_path, tiny_bert_dir, name, *overrides):
     return root / "run"
 
 
-def test_cli_gptq_beats_rtn_per_block_and_init_from_gptq_starts_there(tmp_path, tiny_bert_dir):
+def test_cli_gptq_beats_rtn_per_block_and_init_from_gptq_starts_there(tmp_path, tiny_bert_dir, write_config):
     import json
 
     from safetensors.torch import load_file
 
-    rtn = _fit(tmp_path, tiny_bert_dir, "rtn", "--model.quant.method", "rtn")
-    gptq = _fit(tmp_path, tiny_bert_dir, "gptq", "--model.quant.method", "gptq", "--model.quant.gptq.act_order", "true")
-    start = _fit(tmp_path, tiny_bert_dir, "start", "--model.quant.method", "flexround", "--model.quant.init_from",
+    rtn = _fit(write_config, tmp_path, tiny_bert_dir, "rtn", "--model.quant.method", "rtn")
+    gptq = _fit(write_config, tmp_path, tiny_bert_dir, "gptq", "--model.quant.method", "gptq", "--model.quant.gptq.act_order", "true")
+    start = _fit(write_config, tmp_path, tiny_bert_dir, "start", "--model.quant.method", "flexround", "--model.quant.init_from",
                  "gptq", "--model.quant.gptq.act_order", "true", "--trainer.max_steps", "0")
     blocks = {k: json.loads((r / "results.json").read_text())["blocks"] for k, r in
               (("rtn", rtn), ("gptq", gptq), ("start", start))}
