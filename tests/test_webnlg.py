@@ -286,6 +286,7 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tmp_path, fa
 def test_llama_with_per_token_8bit_activations_fits_and_validate_reproduces_its_bleu(tmp_path):
     """Generation through quantized activations and the KV cache; the saved checkpoint generates the same."""
     from flexround_pl.cli import FlexRoundCLI, main
+    from conftest import new_tiny_tokenizer
     from test_causal_lm import _save_tiny
 
     config = {
@@ -294,7 +295,7 @@ def test_llama_with_per_token_8bit_activations_fits_and_validate_reproduces_its_
                     "default_root_dir": str(tmp_path / "run"), "logger": False},
         "model": {
             "source": {"class_path": "flexround_pl.models.HFModel",
-                       "init_args": {"name_or_path": _save_tiny("llama", tmp_path), "task": "causal-lm"}},
+                       "init_args": {"name_or_path": _save_tiny("llama", tmp_path, new_tiny_tokenizer()), "task": "causal-lm"}},
             "quant": {"weight": {"bits": 4, "granularity": "channel"},
                       "activation": {"bits": 8, "granularity": "token"}},
             "reconstruction": {"batch_size": 2, "eval_batch_size": 4, "evaluations": 1},
