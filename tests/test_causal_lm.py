@@ -201,7 +201,9 @@ def test_fit_end_to_end_on_a_tiny_causal_lm(tmp_path, name):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["architecture"] == name and results["calibration_samples"] == 8
     fp, q = results["fp"]["perplexity"], results["quantized"]["perplexity"]
-    assert 1.0 < fp < 10 * VOCAB and 1.0 < q < 10 * VOCAB  # random init: about the vocabulary size
+    # A random-init LM predicts nearly uniformly over the vocabulary, and a uniform predictor's perplexity
+    # is exactly the vocabulary size: an analytic reference (a log base or token count error misses it).
+    assert fp == pytest.approx(VOCAB, rel=0.05) and q == pytest.approx(fp, rel=0.05), (fp, q)
     assert 0.0 < results["quantized"]["fp_agreement"] <= 1.0  # next-token argmax vs FP
     assert "fp_kl" not in results["quantized"]  # classifiers only
     assert results["outside_blocks_rtn"] == []  # embeddings, project_in/out, lm_head stay FP

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from flexround_pl.models.sources import ModelSource
-from flexround_pl.utils import atomic_cache_dir, default_cache_root
+from flexround_pl.utils import atomic_cache_dir, check_writable_dir, default_cache_root
 
 INFO_FILE = "gguf_info.json"
 #: Bump when the conversion recipe changes (invalidates every cached conversion).
@@ -199,6 +199,8 @@ class PackagedGGUF(ModelSource):
         directory, name = self.locate()
         if not is_converted(directory, name, self.cache_dir):
             _require_gguf()
+            check_writable_dir(self.cache_dir or cache_root(),
+                               "model.source.init_args.cache_dir" if self.cache_dir else "FLEXROUND_PL_CACHE/gguf")
 
     def load(self, num_labels: Optional[int] = None) -> nn.Module:
         if num_labels is not None:
