@@ -168,7 +168,7 @@ def write_classification_csvs(tmp_path) -> dict[str, str]:
     return files
 
 
-def _write_classifier_config(tmp_path, model_dir: str, **quant) -> str:
+def write_classifier_config(tmp_path, model_dir: str, **quant) -> str:
     """A tiny-BERT classification run (FlexRound W3 per tensor, 30 steps) on ``write_classification_csvs``."""
     files = write_classification_csvs(tmp_path)
     return write_run_config_file(
@@ -204,7 +204,7 @@ def write_lm_run_config(tmp_path, model_dir: str, max_steps: int = 20) -> str:
 @pytest.fixture(scope="session")
 def write_config():
     """``write_config(tmp_path, model_dir, **quant)``: the tiny-BERT classification config; returns its path."""
-    return _write_classifier_config
+    return write_classifier_config
 
 
 @pytest.fixture(scope="session")

@@ -117,24 +117,26 @@ def test_init_from_gptq_only_for_methods_that_start_from_a_weight():
         GPTQConfig(percdamp=0)
 
 
-def _fit(write_config, tmp_path, tiny_bert_dir, name, *overrides):
+def _fit(tmp_path, tiny_bert_dir, name, *overrides):
+    from conftest import write_classifier_config
+
     from flexround_pl.cli import main
 
     root = tmp_path / name
     root.mkdir()
-    cfg = write_config(root, tiny_bert_dir, weight={"bits": 3, "granularity": "channel", "init": "minmax"})
+    cfg = write_classifier_config(root, tiny_bert_dir, weight={"bits": 3, "granularity": "channel", "init": "minmax"})
     assert main(["fit", "--config", cfg, "--export", "false", *overrides]) == 0
     return root / "run"
 
 
-def test_cli_gptq_beats_rtn_per_block_and_init_from_gptq_starts_there(tmp_path, tiny_bert_dir, write_config):
+def test_cli_gptq_beats_rtn_per_block_and_init_from_gptq_starts_there(tmp_path, tiny_bert_dir):
     import json
 
     from safetensors.torch import load_file
 
-    rtn = _fit(write_config, tmp_path, tiny_bert_dir, "rtn", "--model.quant.method", "rtn")
-    gptq = _fit(write_config, tmp_path, tiny_bert_dir, "gptq", "--model.quant.method", "gptq", "--model.quant.gptq.act_order", "true")
-    start = _fit(write_config, tmp_path, tiny_bert_dir, "start", "--model.quant.method", "flexround", "--model.quant.init_from",
+    rtn = _fit(tmp_path, tiny_bert_dir, "rtn", "--model.quant.method", "rtn")
+    gptq = _fit(tmp_path, tiny_bert_dir, "gptq", "--model.quant.method", "gptq", "--model.quant.gptq.act_order", "true")
+    start = _fit(tmp_path, tiny_bert_dir, "start", "--model.quant.method", "flexround", "--model.quant.init_from",
                  "gptq", "--model.quant.gptq.act_order", "true", "--trainer.max_steps", "0")
     blocks = {k: json.loads((r / "results.json").read_text())["blocks"] for k, r in
               (("rtn", rtn), ("gptq", gptq), ("start", start))}
@@ -144,15 +146,3 @@ def test_cli_gptq_beats_rtn_per_block_and_init_from_gptq_starts_there(tmp_path, 
     a, b = load_file(str(gptq / "quantized.safetensors")), load_file(str(start / "quantized.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [x["loss_end"] for x in blocks["start"]] == [x["loss_end"] for x in blocks["gptq"]]
-
-
-def test_preflight_refuses_a_grouped_conv_for_gptq_only():
-    from types import SimpleNamespace
-
-    from flexround_pl.pipeline import check_quantizable
-
-    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, groups=4))
-    arch = SimpleNamespace(keep_fp=())
-    assert check_quantizable(net, arch, QuantConfig(method="flexround")) == ["0", "1"]
-    with pytest.raises(ValueError, match=r"^1: Conv2d with groups=4,.*keep it FP"):
-        check_quantizable(net, arch, QuantConfig(method="gptq"))
