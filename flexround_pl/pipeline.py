@@ -33,15 +33,14 @@ from flexround_pl.export.checkpoint import (
     CHECKPOINT_NAME,
     quantized_weight_nbytes,
     save_quantized,
-    state_dict_nbytes,
 )
-from flexround_pl.export.fake_quant import EXPORT_DIR, export_fake_quant
-from flexround_pl.models import lazy
+from flexround_pl.export.formats import ExportContext, needs_fp16_scales, requested_formats
+from flexround_pl.export.run import check_export, export_formats, round_scales
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.driver import quantize_blocks, quantize_outside_blocks
 from flexround_pl.reconstruct.module import calibrate_model_activations
-from flexround_pl.utils import is_rank_zero, write_json_atomic
+from flexround_pl.utils import is_rank_zero, state_dict_nbytes, write_json_atomic
 
 # Trainer arguments the driver owns for every per-block trainer.
 _BLOCK_TRAINER_FIXED = dict(
@@ -219,12 +218,12 @@ def check_quantizable(net: torch.nn.Module, arch: Any, quant: Any) -> list[str]:
     return names
 
 
-def preflight(model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings) -> None:
+def preflight(model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, export: Any = None) -> None:
     """Check the inputs of a run up front (``ValueError`` with one clear message); writes nothing.
 
     Loads the FP model and the data (kept for :func:`run`), builds the eval
     trainer (device / precision errors), checks every quantizable layer's
-    shape and fetches one calibration batch.
+    shape, that every ``export`` format can hold the scheme, and fetches one calibration batch.
     """
     root = settings.root
     if os.path.exists(root) and not os.path.isdir(root):
@@ -238,7 +237,8 @@ def preflight(model: PTQModel, datamodule: PTQDataModule, settings: TrainerSetti
     settings.eval_trainer()
     prepare(model, datamodule)
     assert model.net is not None and model.arch is not None
-    check_quantizable(model.net, model.arch, model.quant)
+    names = check_quantizable(model.net, model.arch, model.quant)
+    check_export(model.net, model.arch, model.quant, names, requested_formats(export))
     if next(iter(datamodule.calibration_dataloader()), None) is None:
         raise ValueError("the calibration data is empty: set a positive number of calibration samples")
     datamodule.val_dataloader()
@@ -250,13 +250,14 @@ def run(
     settings: TrainerSettings,
     log: Callable[[str], None] = print,
     state: Optional[Any] = None,
-    export: bool = True,
+    export: Any = True,
     config: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Quantize ``model`` on ``datamodule``'s calibration data; write and return the results.
 
     ``state``: a :class:`~flexround_pl.reconstruct.resume.RunState` (resume /
-    save finished blocks); ``export``: also write the plain-FP export;
+    save finished blocks); ``export``: the ``--export`` settings (formats
+    written into ``DIR/export/<format>/``; ``True``: the default, ``False``: none);
     ``config``: the run's configuration fingerprint, stored in the checkpoint.
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -298,6 +299,9 @@ def run(
     outside = quantize_outside_blocks(model.net, model.arch, quant)
     if outside:
         log(f"round-to-nearest outside blocks: {', '.join(outside)}")
+    formats = requested_formats(export)
+    if needs_fp16_scales(formats):  # the run computes exactly what the fp16-scale files hold
+        round_scales(model.net)
     calibrate_model_activations(
         model.net, model, datamodule.calibration_dataloader, quant.activation.init_samples
     )  # activation quantizers outside blocks (e.g. a CNN's last layer input)
@@ -320,11 +324,10 @@ def run(
     }
     ckpt_nbytes = save_quantized(model.net, ckpt, meta) if is_rank_zero() else 0
     log(f"quantized checkpoint: {ckpt} ({ckpt_nbytes / 2**20:.2f} MiB, FP {fp_nbytes / 2**20:.2f} MiB)")
-    if export and is_rank_zero():
-        lazy.materialize(model.net)  # lazy models: the export needs every dequantized weight at once
-        out = export_fake_quant(model.net, os.path.join(settings.root, EXPORT_DIR), model.source.load_tokenizer(),
-                                {k: meta[k] for k in ("method", "bits", "granularity", "model", "architecture")})
-        log(f"plain-FP export (dequantized weights): {out}")
+    exports: dict[str, Any] = {}
+    if formats and is_rank_zero():
+        context = ExportContext(model.net, model.arch, model.source.load_tokenizer(), model.source, log)
+        exports = export_formats(ckpt, settings.root, formats, context, verify=False)
 
     results = {
         "method": quant.method,
@@ -346,7 +349,9 @@ def run(
         "quantized": q_metrics,
         "blocks": [asdict(b) for b in block_results],
         "outside_blocks_rtn": outside,
-        "size_mb": {"quantized": ckpt_nbytes / 2**20, "fp": fp_nbytes / 2**20},
+        "size_mb": {"quantized": ckpt_nbytes / 2**20, "fp": fp_nbytes / 2**20,
+                    **{f"export/{k}": v["size_mb"] for k, v in exports.items()}},
+        "export": exports,
         "quantized_weights_mb": dict(zip(("packed", "fp"), (n / 2**20 for n in quantized_weight_nbytes(model.net)))),
         "resumed_blocks": resumed,
         "seconds_total": time.perf_counter() - t0,

@@ -74,7 +74,7 @@ def test_a_forward_holds_one_block_and_matches_the_eager_model(tmp_path, name):
     assert seen == [outside + block_bytes] * len(blocks)
     assert lazy.resident_nbytes(model) == outside and all(_meta(b) for _, b in blocks)
 
-    from flexround_pl.export.checkpoint import state_dict_nbytes
+    from flexround_pl.utils import state_dict_nbytes
 
     assert lazy.fp_nbytes(model) == state_dict_nbytes(eager)
     model.to("cpu")  # moving a lazy model moves what is resident
