@@ -143,8 +143,8 @@ def test_lazy_fit_gives_the_eager_metrics_codes_and_export(runs):
     assert [(b["name"], b["loss_end"]) for b in lazy_["blocks"]] == [(b["name"], b["loss_end"]) for b in eager["blocks"]]
     assert lazy_["size_mb"] == eager["size_mb"]
     _assert_same_codes(tmp / "lazy", tmp / "eager")
-    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "lazy" / "export"))
-    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "eager" / "export"))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "lazy" / "export" / "fake_quant"))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "eager" / "export" / "fake_quant"))
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(exported(input_ids=ids).logits, reference(input_ids=ids).logits)
