@@ -387,3 +387,27 @@ def test_lazy_run_exports_one_block_at_a_time(llama_config, tmp_path, monkeypatc
     export_shards = written[-2 * (len(fp.model.layers) + 1):]
     assert len(export_shards) == 2 * 3 and max(export_shards) <= max(block, outside)
     assert hf_files.INDEX_NAME in os.listdir(root / "export" / "gptq")
+
+
+def test_gguf_carries_a_byte_level_bpe_tokenizer(tmp_path):
+    """A BPE tokenizer goes into the GGUF metadata; transformers rebuilds it from there and encodes the same."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from test_lm_data import make_text
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([make_text(200, 1)], trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<|endoftext|>"]))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    net, arch = quantized_tiny("llama", 4, True, 32)
+    net.resize_token_embeddings(max(VOCAB, len(tok)))
+    ckpt = str(tmp_path / "quantized.safetensors")
+    save_quantized(net, ckpt, {"method": "rtn"})
+    export_formats(ckpt, str(tmp_path), [get_format("gguf")], ExportContext(net, arch, tok, None, print))
+    info = json.loads((tmp_path / "export" / "gguf" / "flexround_export.json").read_text())
+    assert info["tokenizer"] == "byte-level BPE from tokenizer.json"
+    back = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export" / "gguf"), gguf_file="model.gguf")
+    text = "the river and the mountain"
+    assert back(text)["input_ids"][-len(tok(text)["input_ids"]):] == tok(text)["input_ids"]

@@ -233,12 +233,13 @@ def planned_schemes(net: Any, arch: Any, quant: Any, names: list[str]) -> tuple[
         cls = wrapper_class(module)
         weight = module.weight
         n_out, n_in = (weight.shape[1], weight.shape[0]) if cls.transposed else (weight.shape[0], weight[0].numel())
-        bits = 8 if any(p.search(name) for p in eight) else w.bits
+        eight_bit = any(p.search(name) for p in eight)  # as quantize_modules: these layers get 8 bits
         a_bits = quant.activation.bits
         out.append(LayerScheme(
-            name=name, kind=cls.__name__, bits=max(bits, w.bits), symmetric=w.symmetric, granularity=w.granularity,
-            group_size=w.group_size if w.granularity == "group" else None, n_out=int(n_out), n_in=int(n_in),
-            nupes=quant.method == "nupes", act_bits=None if a_bits is None else max(a_bits, bits),
+            name=name, kind=cls.__name__, bits=8 if eight_bit else w.bits, symmetric=w.symmetric,
+            granularity=w.granularity, group_size=w.group_size if w.granularity == "group" else None,
+            n_out=int(n_out), n_in=int(n_in), nupes=quant.method == "nupes",
+            act_bits=None if a_bits is None else (max(a_bits, 8) if eight_bit else a_bits),
         ))
     return tuple(out)
 
