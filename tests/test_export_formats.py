@@ -291,6 +291,9 @@ def test_fit_writes_every_format_and_export_rewrites_them_from_the_checkpoint(ll
     results = json.loads((run / "results.json").read_text())
     for fmt in ("fake_quant", "gptq", "awq", "compressed_tensors", "gguf"):
         assert results["size_mb"][f"export/{fmt}"] > 0 and (run / "export" / fmt / "flexround_export.json").exists()
+    info = json.loads((run / "export" / "gptq" / "flexround_export.json").read_text())
+    assert (info["w_bits"], info["granularity"], info["group_size"]) == (4, "group", 32)
+    assert "bit for bit" in info["exact"] and info["s1_fp16_max_rel_change"] == 0.0  # fp16 s1 since hardening
     sizes = results["size_mb"]
     assert sizes["export/gguf"] < sizes["export/fake_quant"] and sizes["export/compressed_tensors"] < sizes["fp"]
     # the run's own model is what every file holds: fake-quant reload = the run's quantized metric path

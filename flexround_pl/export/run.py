@@ -76,8 +76,8 @@ def export_formats(
     written: dict[str, dict[str, Any]] = {}
     for fmt in formats:
         target = os.path.join(root, EXPORT_DIR, fmt.name)
-        info = {k: meta.get(k) for k in ("method", "bits", "granularity", "group_size", "symmetric", "model",
-                                          "architecture")}
+        info = {k: meta.get(k) for k in ("method", "granularity", "group_size", "symmetric", "model", "architecture")}
+        info["w_bits"] = meta.get("w_bits", meta.get("bits"))  # "bits" in checkpoints written before the run summary
         if fmt.fp16_scales:
             change = s1_fp16_change(codes) if change is None else change
             info["s1_fp16_max_rel_change"] = change
