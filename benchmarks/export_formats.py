@@ -81,7 +81,9 @@ def main() -> None:
         net.config.use_cache = False
         model.net = net
         metrics = pipeline.evaluate(model, datamodule, settings)
-        entry = {"metrics": metrics, "size_mb": results["size_mb"].get(f"export/{fmt}"),
+        from flexround_pl.export.directory import directory_nbytes
+
+        entry = {"metrics": metrics, "size_mb": directory_nbytes(directory) / 2**20,
                  "cpu_seconds_load_eval": time.process_time() - start,
                  "perplexity_minus_run": metrics["perplexity"] - results["quantized"]["perplexity"]}
         if fmt in args.generate:

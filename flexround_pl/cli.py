@@ -52,7 +52,7 @@ from flexround_pl.export.checkpoint import (
 )
 from flexround_pl.export.codes import QuantizedCodes, is_transformers_model
 from flexround_pl.export.formats import ExportContext, ExportSettings, check_formats, requested_formats
-from flexround_pl.export.run import export_formats
+from flexround_pl.export.run import export_formats, record_in_results
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.driver import DivergenceError
 from flexround_pl.reconstruct.resume import RunState, fingerprint
@@ -180,6 +180,8 @@ class FlexRoundCLI(LightningCLI):
             load_quantized_model(model, path, compare)
         context = ExportContext(model.net, model.arch, model.source.load_tokenizer(), model.source, print)
         written = export_formats(path, settings.root, formats, context)
+        if os.path.dirname(path) == settings.root:  # this run's checkpoint: its results.json lists the sizes
+            record_in_results(settings.root, written)
         self.results = {"checkpoint": path, "export": written}
 
     def _checkpoint_path(self, settings: Any, ckpt_path: Optional[str]) -> str:

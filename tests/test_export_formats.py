@@ -359,6 +359,8 @@ def test_export_subcommand_refuses_before_writing(llama_config, tmp_path, capfd)
     assert not (root / "export").exists()
     assert main(["export", "--config", str(root / "config.yaml"), "--export.formats", "[gguf, gptq]"]) == 0
     assert (root / "export" / "gguf" / "model.gguf").exists() and (root / "export" / "gptq" / "config.json").exists()
+    sizes = json.loads((root / "results.json").read_text())["size_mb"]
+    assert 0 < sizes["export/gguf"] < sizes["fp"] and 0 < sizes["export/gptq"] < sizes["fp"]
 
 
 # ----------------------------------------------------------------------------- lazy runs

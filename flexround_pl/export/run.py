@@ -96,4 +96,20 @@ def export_formats(
     return written
 
 
-__all__ = ["EXPORT_DIR", "check_export", "export_formats", "round_scales", "s1_fp16_change"]
+def record_in_results(root: str, written: dict[str, dict[str, Any]]) -> None:
+    """Add the formats that ``export`` wrote to the run's ``results.json`` (sizes next to the FP size)."""
+    import json
+
+    from flexround_pl.utils import write_json_atomic
+
+    path = os.path.join(root, "results.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        results = json.load(f)
+    results.setdefault("size_mb", {}).update({f"export/{k}": v["size_mb"] for k, v in written.items()})
+    results.setdefault("export", {}).update(written)
+    write_json_atomic(path, results)
+
+
+__all__ = ["EXPORT_DIR", "check_export", "record_in_results", "export_formats", "round_scales", "s1_fp16_change"]
