@@ -7,7 +7,9 @@ module, same windows, same perplexity code) and compared with the run's
 ``results.json``. A short greedy generation from each reloaded model is shown
 beside the FP model's. Writes ``<run dir>/export_eval.json``.
 
-    python benchmarks/export_formats.py --run runs/x [--formats gptq gguf] [--prompt "..."]
+    TORCHDYNAMO_DISABLE=1 python benchmarks/export_formats.py --run runs/x [--formats gptq gguf] [--prompt "..."]
+
+(``TORCHDYNAMO_DISABLE=1``: gptqmodel's torch kernel otherwise recompiles per input shape on CPU.)
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import time
 import torch
 
 
-def load_format(fmt: str, directory: str):
+def load_format(fmt: str, directory: str, dtype: torch.dtype = torch.float32):
+    """``fmt``'s model the way a user loads it; gptq / awq through gptqmodel's pure-torch kernels in ``dtype``."""
     import transformers
 
     auto = transformers.AutoModelForCausalLM
@@ -28,10 +31,10 @@ def load_format(fmt: str, directory: str):
         return auto.from_pretrained(directory, gguf_file="model.gguf", dtype=torch.float32)
     if fmt == "gptq":
         bits = json.load(open(os.path.join(directory, "config.json")))["quantization_config"]["bits"]
-        return auto.from_pretrained(directory, device_map="cpu",
+        return auto.from_pretrained(directory, device_map="cpu", dtype=dtype,
                                     quantization_config=transformers.GPTQConfig(bits=bits, backend="torch"))
     if fmt == "awq":
-        return auto.from_pretrained(directory, device_map="cpu",
+        return auto.from_pretrained(directory, device_map="cpu", dtype=dtype,
                                     quantization_config=transformers.AwqConfig(bits=4, backend="torch_awq"))
     if fmt == "compressed_tensors":
         return auto.from_pretrained(directory, quantization_config=transformers.CompressedTensorsConfig(
@@ -54,6 +57,8 @@ def main() -> None:
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--generate", nargs="*", default=["fake_quant", "gptq", "gguf"])
+    parser.add_argument("--gptq_dtype", default="float32", choices=["float32", "float16"],
+                        help="compute dtype of the gptq / awq models (float16 matmuls are very slow on CPU)")
     args = parser.parse_args()
 
     from flexround_pl import pipeline
@@ -70,14 +75,16 @@ def main() -> None:
 
     fp_net = model.net
     fp = pipeline.evaluate(model, datamodule, settings, reference=True)
-    report = {"run": run, "fp": fp, "run_quantized": results["quantized"], "formats": {},
-              "generation": {"prompt": args.prompt}}
+    out_path = os.path.join(run, "export_eval.json")
+    report = json.load(open(out_path)) if os.path.isfile(out_path) else {"formats": {}, "generation": {}}
+    report.update(run=run, fp=fp, run_quantized=results["quantized"])
+    report["generation"]["prompt"] = args.prompt
     if "fp" in args.generate:
         report["generation"]["fp"] = generate(fp_net, tokenizer, args.prompt, args.tokens)
     for fmt in formats:
         directory = os.path.join(run, "export", fmt)
         start = time.process_time()
-        net = load_format(fmt, directory).eval()
+        net = load_format(fmt, directory, getattr(torch, args.gptq_dtype)).eval()
         net.config.use_cache = False
         model.net = net
         metrics = pipeline.evaluate(model, datamodule, settings)
@@ -88,13 +95,17 @@ def main() -> None:
                  "perplexity_minus_run": metrics["perplexity"] - results["quantized"]["perplexity"]}
         if fmt in args.generate:
             entry["generation"] = generate(net, tokenizer, args.prompt, args.tokens)
+        if fmt in ("gptq", "awq"):
+            entry["dtype"] = args.gptq_dtype
         report["formats"][fmt] = entry
         print(f"{fmt}: {json.dumps(entry)}", flush=True)
+        with open(out_path, "w") as f:  # after every format: a long run keeps what it measured
+            json.dump(report, f, indent=2)
         del net
         model.net = fp_net
     report["generation"]["fp"] = report["generation"].get("fp") or generate(fp_net, tokenizer, args.prompt,
                                                                            args.tokens)
-    with open(os.path.join(run, "export_eval.json"), "w") as f:
+    with open(out_path, "w") as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report, indent=2))
 
