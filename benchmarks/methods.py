@@ -68,12 +68,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(own arguments, fit overrides)``: the overrides are everything after ``--``."""
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
 def main() -> None:
-    argv = sys.argv[1:]
-    extra: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = split_overrides(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--methods", nargs="+", default=["rtn", "adaround", "flexround"])

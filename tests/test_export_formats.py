@@ -25,7 +25,7 @@ from flexround_pl.export.checkpoint import save_quantized
 from flexround_pl.export.codes import QuantizedCodes
 from flexround_pl.export.formats import ExportContext
 from flexround_pl.export.run import export_formats, round_scales
-from flexround_pl.models import find_architecture, gpt2, llama, opt  # noqa: F401  (register the adapters)
+from flexround_pl.models import find_architecture  # registers the adapters
 from flexround_pl.quant import QuantConfig, harden_modules, quantize_modules, quantized_layers
 from flexround_pl.quant.config import GridConfig
 

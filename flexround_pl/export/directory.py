@@ -9,9 +9,9 @@ import shutil
 import tempfile
 from typing import Any, Iterator
 
+from flexround_pl.rundir import EXPORT_DIR  # noqa: F401  (<run dir>/export/<format>/)
+
 INFO_FILE = "flexround_export.json"
-#: ``<run dir>/export/<format>/``: every export format of a run goes under this directory.
-EXPORT_DIR = "export"
 
 
 @contextlib.contextmanager

@@ -39,10 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from flexround_pl.export.codes import LayerCodes, QuantizedCodes, is_transformers_model
-from flexround_pl.export.directory import EXPORT_DIR, atomic_directory, write_info  # noqa: F401  (EXPORT_DIR: old home)
+from flexround_pl.export.directory import INFO_FILE, atomic_directory, write_info  # noqa: F401  (INFO_FILE re-exported)
 from flexround_pl.export.formats import ExportContext, ExportFormat, ExportPlan, register
 from flexround_pl.export.hf_files import save_tokenizer, write_hf_model
 from flexround_pl.quant.layers import QuantizedLayer
+from flexround_pl.rundir import EXPORT_DIR  # re-exported
 
 STATE_DICT_FILE = "model_state_dict.pt"
 

@@ -41,10 +41,9 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from .activation import ActivationQuantizer
-from .base import WeightQuantizer, build_quantizer
-from .config import GridConfig, QuantConfig
-from .grid import group_view, ungroup
-from .nupes import inverse_power
+from .base import WeightQuantizer, build_quantizer, decode_values
+from .config import QuantConfig
+from .grid import GridConfig, group_view, ungroup
 
 
 def dequantize_codes(
@@ -55,9 +54,7 @@ def dequantize_codes(
     The one dequantization every hardened layer and every export uses, so they agree bit for bit.
     """
     u = scale * (group_view(codes.float(), cfg) - zero_point)
-    if exponent is not None:
-        u = inverse_power(u, exponent)
-    return ungroup(u, codes.shape)
+    return ungroup(decode_values(u, exponent), codes.shape)
 
 
 class QuantizedLayer(nn.Module):
