@@ -14,7 +14,8 @@ Subcommands and what they leave in the run directory (``trainer.default_root_dir
   on any problem prints one ``flexround_pl: error: ...`` line, exits 2 and
   writes nothing. Then ``config.yaml``, ``resume/`` (one file per finished
   block), ``quantized.safetensors`` (packed codes + FP remainder + metadata),
-  ``export/`` (plain-FP dequantized model; ``--export false`` skips it) and
+  ``export/<format>/`` (``--export.formats``, default ``[fake_quant]``, the plain-FP
+  dequantized model; ``--export false`` writes none) and
   ``results.json`` (``size_mb``: checkpoint vs FP state dict). Re-running the
   same command on the same run directory resumes after the last finished
   block (also after ``SIGKILL``); a changed configuration is refused (exit 2)
@@ -24,6 +25,9 @@ Subcommands and what they leave in the run directory (``trainer.default_root_dir
   (:mod:`flexround_pl.rundir`).
   A diverging block (NaN / inf loss) stops the run with exit 1, naming the
   block, the iteration and the likely cause; finished blocks stay saved.
+* ``export``: write the ``--export.formats`` of a finished run from its
+  ``quantized.safetensors`` into ``DIR/export/<format>/`` without quantizing
+  again (a format that cannot hold the run's scheme: one line, exit 2, nothing written).
 * ``validate`` / ``test``: load ``quantized.safetensors`` of the run directory
   (or ``--ckpt_path FILE``) into the config's model and print FP vs quantized
   metrics on the data module's validation / test loader; the quantized metric
@@ -38,8 +42,9 @@ import contextlib
 import os
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+import lightning as L
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -53,6 +58,9 @@ from flexround_pl.export.checkpoint import (
     load_quantized_model,
     read_metadata,
 )
+from flexround_pl.export.codes import QuantizedCodes, is_transformers_model
+from flexround_pl.export.formats import ExportContext, ExportSettings, check_formats, requested_formats
+from flexround_pl.export.run import export_formats, record_in_results
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.driver import DivergenceError
 from flexround_pl.reconstruct.resume import RunState, fingerprint
@@ -64,7 +72,20 @@ SUBCOMMANDS = {
     "fit": "Quantize the model block by block and write the run directory (checkpoint, export, results.json).",
     "validate": "Evaluate a run's quantized checkpoint (and the FP model) on the validation / eval split.",
     "test": "Evaluate a run's quantized checkpoint (and the FP model) on the test loader.",
+    "export": "Write serving formats (--export.formats) from a finished run's quantized.safetensors, no re-quantizing.",
 }
+
+
+class _Trainer(L.Trainer):
+    """The CLI's trainer class: Lightning's, plus the signature of the ``export`` subcommand.
+
+    LightningCLI builds each subcommand's parser from the trainer method of that
+    name; :meth:`FlexRoundCLI.export` is what runs.
+    """
+
+    def export(self, model: Any = None, datamodule: Any = None, ckpt_path: Optional[str] = None) -> None:
+        """Write serving formats (--export.formats) from a finished run's quantized.safetensors."""
+        raise RuntimeError("run it as: python -m flexround_pl export --config <run dir>/config.yaml")
 
 
 class FlexRoundCLI(LightningCLI):
@@ -72,6 +93,7 @@ class FlexRoundCLI(LightningCLI):
         super().__init__(
             model_class=PTQModel,
             datamodule_class=PTQDataModule,
+            trainer_class=_Trainer,
             subclass_mode_data=True,
             save_config_callback=None,  # saved once by fit(), not once per block trainer
             auto_configure_optimizers=False,
@@ -86,7 +108,8 @@ class FlexRoundCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         # no ``predict``: a PTQ run has nothing to predict with beyond its evaluation
-        return {k: v for k, v in LightningCLI.subcommands().items() if k in SUBCOMMANDS}
+        known = {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+        return {k: v for k, v in known.items() if k in SUBCOMMANDS}
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would torch.load() --ckpt_path to read Lightning hyper-parameters; ours is a
@@ -111,8 +134,10 @@ class FlexRoundCLI(LightningCLI):
             "(default: resume automatically when the run directory holds a state of the same configuration)",
         )
         parser.add_argument(
-            "--export", type=bool, default=True,
-            help="fit: also write <run dir>/export/, the dequantized model loadable without flexround_pl",
+            "--export", type=Union[bool, ExportSettings], default=ExportSettings(),
+            help="fit / export: serving formats written into <run dir>/export/<format>/, e.g. "
+            "--export.formats '[fake_quant, gptq, awq, compressed_tensors, gguf]' (default: [fake_quant]); "
+            "--export false writes none",
         )
         parser.add_argument(
             "--eval", type=EvalConfig, default=EvalConfig(),
@@ -137,7 +162,7 @@ class FlexRoundCLI(LightningCLI):
             )
         settings = pipeline.TrainerSettings(self._trainer_settings())
         lm_eval = self._lm_eval()
-        pipeline.preflight(model, datamodule, settings, lm_eval)  # writes nothing
+        pipeline.preflight(model, datamodule, settings, lm_eval, export=config.get("export", True))  # writes nothing
         config_fingerprint = fingerprint(config.as_dict())
         # one fit per run directory, from reading its resume state to the last output (rank 0 holds it)
         with rundir.locked(settings.root) if is_rank_zero() else contextlib.nullcontext(), \
@@ -153,7 +178,7 @@ class FlexRoundCLI(LightningCLI):
             if state.resuming:
                 print(f"flexround_pl: resuming {settings.root}: {len(state.blocks)} block(s) already finished")
             self.results = pipeline.run(
-                model, datamodule, settings, state=state, export=bool(config.get("export", True)),
+                model, datamodule, settings, state=state, export=config.get("export", True),
                 config=config_fingerprint, lm_eval=lm_eval,
             )
 
@@ -163,16 +188,42 @@ class FlexRoundCLI(LightningCLI):
     def test(self, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str] = None, **_: Any) -> None:
         self.results = self._evaluate_checkpoint("test", model, datamodule, ckpt_path)
 
-    def _evaluate_checkpoint(
-        self, stage: str, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str]
-    ) -> dict[str, Any]:
-        """FP and quantized metrics of a saved checkpoint, with this config's model source and data."""
+    def export(self, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str] = None, **_: Any) -> None:
+        """Every requested format from the run's checkpoint (checked first: one line, exit 2, nothing written)."""
         settings = pipeline.TrainerSettings(self._trainer_settings(), require_max_steps=False)
+        path = self._checkpoint_path(settings, ckpt_path)
+        formats = requested_formats(self.config[self.subcommand].get("export", True))
+        if not formats:
+            raise ValueError("no export format requested: pass e.g. --export.formats '[gptq, gguf]'")
+        compare = {k: v for k, v in fingerprint(self.config[self.subcommand].as_dict()).items()
+                   if k.startswith("model.quant")}
+        check_compatible(read_metadata(path), compare, path)
+        model.source.check()
+        pipeline.prepare(model, datamodule)
+        codes = QuantizedCodes(path)  # checksum checked
+        check_formats(formats, codes.plan(model.net, model.arch))
+        if not is_transformers_model(model.net):  # CNNs: fake_quant writes from the loaded quantized model
+            load_quantized_model(model, path, compare)
+        context = ExportContext(model.net, model.arch, model.source.load_tokenizer(), model.source, print)
+        written = export_formats(path, settings.root, formats, context)
+        if os.path.dirname(path) == settings.root:  # this run's checkpoint: its results.json lists the sizes
+            record_in_results(settings.root, written)
+        self.results = {"checkpoint": path, "export": written}
+
+    def _checkpoint_path(self, settings: Any, ckpt_path: Optional[str]) -> str:
         path = os.path.abspath(os.path.expanduser(ckpt_path or os.path.join(settings.root, CHECKPOINT_NAME)))
         if not os.path.isfile(path):
             raise ValueError(
                 f"no quantized checkpoint at {path}: run fit with this config first, or pass --ckpt_path FILE"
             )
+        return path
+
+    def _evaluate_checkpoint(
+        self, stage: str, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str]
+    ) -> dict[str, Any]:
+        """FP and quantized metrics of a saved checkpoint, with this config's model source and data."""
+        settings = pipeline.TrainerSettings(self._trainer_settings(), require_max_steps=False)
+        path = self._checkpoint_path(settings, ckpt_path)
         # every weight comes from the checkpoint; the config's source gives the skeleton and tokenizer
         config_fingerprint = fingerprint(self.config[self.subcommand].as_dict())
         compare = {k: v for k, v in config_fingerprint.items() if k.startswith("model.quant")}

@@ -34,18 +34,17 @@ from flexround_pl.evaluate.lm_eval import LmEvalRunner
 from flexround_pl.export.checkpoint import (
     quantized_weight_nbytes,
     save_quantized,
-    state_dict_nbytes,
 )
-from flexround_pl.export.fake_quant import export_fake_quant
-from flexround_pl.models import lazy
+from flexround_pl.export.formats import ExportContext, ExportFormat, needs_fp16_scales, requested_formats
+from flexround_pl.export.run import check_export, export_formats, round_scales
 from flexround_pl.models.moe import expert_tokens
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.driver import BlockResult, quantize_blocks, quantize_outside_blocks
 from flexround_pl.reconstruct.gptq_hessian import unsupported_by_gptq, uses_layer_hessians
 from flexround_pl.reconstruct.module import calibrate_model_activations
-from flexround_pl.rundir import CACHE_DIR, CHECKPOINT_NAME, EXPORT_DIR, RESULTS_NAME, TENSORBOARD_DIR
-from flexround_pl.utils import check_writable_dir, is_rank_zero, write_json_atomic
+from flexround_pl.rundir import CACHE_DIR, CHECKPOINT_NAME, RESULTS_NAME, TENSORBOARD_DIR
+from flexround_pl.utils import check_writable_dir, is_rank_zero, state_dict_nbytes, write_json_atomic
 
 # Trainer arguments the driver owns for every per-block trainer.
 _BLOCK_TRAINER_FIXED = dict(
@@ -265,13 +264,15 @@ def accelerator_errors(accelerator: Any) -> Iterator[None]:
 
 
 def preflight(
-    model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, lm_eval: Optional[LmEvalRunner] = None
+    model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, lm_eval: Optional[LmEvalRunner] = None,
+    export: Any = None,
 ) -> None:
     """Check the inputs of a run up front (``ValueError`` with one clear message); writes nothing.
 
     Loads the FP model and the data (kept for :func:`run`), builds the eval
     trainer (device / precision errors), checks every quantizable layer's
-    shape and fetches one calibration batch; resolves the lm-eval tasks.
+    shape, that every ``export`` format can hold the scheme, and fetches one calibration
+    batch; resolves the lm-eval tasks.
     """
     check_writable_dir(settings.root, "trainer.default_root_dir")
     recon = model.reconstruction
@@ -282,7 +283,8 @@ def preflight(
     prepare(model, datamodule)
     assert model.net is not None and model.arch is not None
     datamodule.check_model(model.net)
-    check_quantizable(model.net, model.arch, model.quant)
+    names = check_quantizable(model.net, model.arch, model.quant)
+    check_export(model.net, model.arch, model.quant, names, requested_formats(export))
     if next(iter(datamodule.calibration_dataloader()), None) is None:
         raise ValueError("the calibration data is empty: set a positive number of calibration samples")
     datamodule.val_dataloader()
@@ -296,14 +298,15 @@ def run(
     settings: TrainerSettings,
     log: Callable[[str], None] = print,
     state: Optional[Any] = None,
-    export: bool = True,
+    export: Any = True,
     config: Optional[dict[str, Any]] = None,
     lm_eval: Optional[LmEvalRunner] = None,
 ) -> dict[str, Any]:
     """Quantize ``model`` on ``datamodule``'s calibration data; write and return the results.
 
     ``state``: a :class:`~flexround_pl.reconstruct.resume.RunState` (resume /
-    save finished blocks); ``export``: also write the plain-FP export;
+    save finished blocks); ``export``: the ``--export`` settings (formats
+    written into ``DIR/export/<format>/``; ``True``: the default, ``False``: none);
     ``config``: the run's configuration fingerprint, stored in the checkpoint;
     ``lm_eval``: lm-eval tasks run on the FP and the quantized model.
     """
@@ -331,6 +334,9 @@ def run(
     phases.lap("fp_eval")
 
     quantized = _quantize(model, datamodule, settings, log, state)
+    formats = requested_formats(export)
+    if needs_fp16_scales(formats):  # the run computes exactly what the fp16-scale files hold
+        round_scales(model.net)
     phases.lap("quantize")  # calibration capture + every block + outside-block RTN
 
     q_metrics = evaluate(model, datamodule, settings)
@@ -339,8 +345,7 @@ def run(
     phases.lap("quantized_eval")
 
     ckpt_nbytes = _write_checkpoint(model, settings, summary, q_metrics, config, log, fp_nbytes)
-    if export:
-        _write_export(model, settings, summary, log)
+    exports = _write_export(model, settings, formats, log)
 
     results = {
         **summary,
@@ -350,7 +355,9 @@ def run(
         "blocks": [asdict(b) for b in quantized.blocks],
         "outside_blocks_rtn": quantized.outside_blocks_rtn,
         **({"expert_tokens": quantized.expert_tokens} if quantized.expert_tokens else {}),
-        "size_mb": {"quantized": ckpt_nbytes / 2**20, "fp": fp_nbytes / 2**20},
+        "size_mb": {"quantized": ckpt_nbytes / 2**20, "fp": fp_nbytes / 2**20,
+                    **{f"export/{k}": v["size_mb"] for k, v in exports.items()}},
+        "export": exports,
         "quantized_weights_mb": dict(zip(("packed", "fp"), (n / 2**20 for n in quantized_weight_nbytes(model.net)))),
         "resumed_blocks": quantized.resumed_blocks,
         "seconds_total": time.perf_counter() - t0,
@@ -458,15 +465,14 @@ def _write_checkpoint(
     return ckpt_nbytes
 
 
-def _write_export(model: PTQModel, settings: TrainerSettings, summary: dict[str, Any], log: Callable[[str], None]) -> None:
-    """Write the plain-FP export (rank 0)."""
-    if not is_rank_zero():
-        return
-    assert model.net is not None
-    lazy.materialize(model.net)  # lazy models: the export needs every dequantized weight at once
-    info = {k: summary[k] for k in ("method", "w_bits", "granularity", "model", "architecture")}
-    out = export_fake_quant(model.net, os.path.join(settings.root, EXPORT_DIR), model.source.load_tokenizer(), info)
-    log(f"plain-FP export (dequantized weights): {out}")
+def _write_export(
+    model: PTQModel, settings: TrainerSettings, formats: list[ExportFormat], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Every requested export format, from the checkpoint just saved (rank 0); ``{format: dir, size, exactness}``."""
+    if not formats or not is_rank_zero():
+        return {}
+    context = ExportContext(model.net, model.arch, model.source.load_tokenizer(), model.source, log)
+    return export_formats(os.path.join(settings.root, CHECKPOINT_NAME), settings.root, formats, context, verify=False)
 
 
 def _cache_dir(configured: Optional[str], root: str) -> str:

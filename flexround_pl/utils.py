@@ -105,6 +105,27 @@ def _share(directory: str) -> None:
         os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 
+def tensor_view_key(t: "Any") -> tuple:
+    """What identifies one view of a tensor's memory: storage, offset, shape, strides, dtype."""
+    return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def state_dict_nbytes(module: "Any") -> int:
+    """Bytes of ``module``'s state dict, each shared tensor counted once (an FP checkpoint's size).
+
+    Works from shapes and dtypes alone, so a lazily loaded model (blocks on
+    ``meta``) is sized without reading a weight.
+    """
+    seen: set = set()
+    total = 0
+    for t in module.state_dict(keep_vars=True).values():
+        # every meta tensor has data_ptr 0: tell them apart by identity
+        key = ("meta", id(t)) if t.is_meta else tensor_view_key(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
 def check_writable_dir(path: str, what: str) -> None:
     """``ValueError`` unless ``path`` is, or can be created as, a directory this process can write.
 

@@ -163,7 +163,7 @@ def _check_run(tmp_path, cli: FlexRoundCLI, auto: type, inputs: dict[str, torch.
     ours = cli.model.net
     with torch.no_grad():
         expected = ours(**inputs).logits
-        exported = auto.from_pretrained(str(tmp_path / "run" / "export")).eval()
+        exported = auto.from_pretrained(str(tmp_path / "run" / "export" / "fake_quant")).eval()
         torch.testing.assert_close(exported(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
     fp = auto.from_pretrained(str(tmp_path / "model")).eval()
     with torch.no_grad():
@@ -207,7 +207,7 @@ def test_moe_experts_are_quantized_and_unrouted_experts_still_get_a_grid(tmp_pat
     assert [b["quantized_layers"] for b in results["blocks"]] == [4 + 3 * n_experts + shared] * 2
 
     # the export: every expert, routed or not, lies on a 3-bit grid per output channel
-    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "export"))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "export" / "fake_quant"))
     fp = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir))
     for e in range(n_experts):
         for param in ("gate_up_proj", "down_proj"):

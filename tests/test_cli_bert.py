@@ -24,7 +24,7 @@ def test_fit_writes_results_and_every_block_improves(tmp_path, tiny_bert_dir, me
     assert set(results["fp"]) == {"accuracy"} and set(results["quantized"]) == {"accuracy", "fp_agreement", "fp_kl"}
     # the metrics against plain transformers on the eval CSV, FP model vs the plain-FP export (weight-only:
     # the export is the quantized model); one example of slack for float noise between batchings
-    ref = hf_classifier_metrics((model_dir, str(run / "export")), str(tmp_path / "eval.csv"), max_length=16)
+    ref = hf_classifier_metrics((model_dir, str(run / "export" / "fake_quant")), str(tmp_path / "eval.csv"), max_length=16)
     assert results["fp"]["accuracy"] == pytest.approx(ref["fp_accuracy"], abs=1.01 / ref["n"])
     assert results["quantized"]["accuracy"] == pytest.approx(ref["accuracy"], abs=1.01 / ref["n"])
     assert results["quantized"]["fp_agreement"] == pytest.approx(ref["fp_agreement"], abs=1.01 / ref["n"])

@@ -309,7 +309,7 @@ def test_fit_end_to_end(tmp_path, name, write_cnn_config):
     # plain export loads into a fresh torchvision model: both give the fit's metrics
     val = FlexRoundCLI(args=["validate", "--config", str(tmp_path / "run" / "config.yaml")])
     assert val.results["quantized"] == results["quantized"]
-    export = torch.load(tmp_path / "run" / "export" / "model_state_dict.pt")
+    export = torch.load(tmp_path / "run" / "export" / "fake_quant" / "model_state_dict.pt")
     plain = TorchvisionModel(**{**init_args, "num_classes": 10}).load()
     plain.load_state_dict(export, strict=True)
     x = torch.randn(2, channels, 32, 32)

@@ -29,4 +29,4 @@ def test_demo_config_runs_end_to_end(tmp_path):
     assert all(b["loss_end"] <= b["loss_start"] for b in results["blocks"])
     assert results["fp"]["accuracy"] > 0.85  # the cached fine-tuned classifier (0.928 on all 500 eval articles)
     assert results["quantized"]["accuracy"] > 0.8
-    assert (run / "quantized.safetensors").exists() and (run / "export" / "config.json").exists()
+    assert (run / "quantized.safetensors").exists() and (run / "export" / "fake_quant" / "config.json").exists()

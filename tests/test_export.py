@@ -331,8 +331,8 @@ def test_export_loads_with_plain_transformers_and_matches(fitted, tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, torch, transformers
-        model = transformers.AutoModelForSequenceClassification.from_pretrained({str(run / 'export')!r}).eval()
-        tok = transformers.AutoTokenizer.from_pretrained({str(run / 'export')!r})
+        model = transformers.AutoModelForSequenceClassification.from_pretrained({str(run / 'export' / 'fake_quant')!r}).eval()
+        tok = transformers.AutoTokenizer.from_pretrained({str(run / 'export' / 'fake_quant')!r})
         io = torch.load({str(tmp_path / 'io.pt')!r})
         with torch.no_grad():
             got = model(**io["inputs"]).logits

@@ -73,7 +73,7 @@ def test_a_forward_holds_one_block_and_matches_the_eager_model(tmp_path, name, t
     assert seen == [outside + block_bytes] * len(blocks)
     assert lazy.resident_nbytes(model) == outside and all(_meta(b) for _, b in blocks)
 
-    from flexround_pl.export.checkpoint import state_dict_nbytes
+    from flexround_pl.utils import state_dict_nbytes
 
     assert lazy.fp_nbytes(model) == state_dict_nbytes(eager)
     model.to("cpu")  # moving a lazy model moves what is resident
@@ -142,8 +142,8 @@ def test_lazy_fit_gives_the_eager_metrics_codes_and_export(runs):
     assert [(b["name"], b["loss_end"]) for b in lazy_["blocks"]] == [(b["name"], b["loss_end"]) for b in eager["blocks"]]
     assert lazy_["size_mb"] == eager["size_mb"]
     _assert_same_codes(tmp / "lazy", tmp / "eager")
-    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "lazy" / "export"))
-    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "eager" / "export"))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "lazy" / "export" / "fake_quant"))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "eager" / "export" / "fake_quant"))
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(exported(input_ids=ids).logits, reference(input_ids=ids).logits)

@@ -104,7 +104,7 @@ def test_fit_runs_lm_eval_on_fp_and_quantized_and_stores_the_table(tmp_path, cap
     # the quantized scores are the exported (dequantized) model's scores
     import transformers
 
-    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "export")).eval()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "export" / "fake_quant")).eval()
     assert q_ppl == pytest.approx(hand_scores(exported)["word_perplexity"], rel=1e-4)
     # lm-eval reseeds torch's global RNG: the quantization must not depend on it
     assert main(["fit", "--config", config, "--trainer.default_root_dir", str(tmp_path / "plain")]) == 0

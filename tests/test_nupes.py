@@ -318,7 +318,7 @@ def test_cli_nupes(tmp_path, tiny_bert_dir, mode, rounding, write_config):
     assert main(["fit", "--config", cfg, "--model.quant.method", "nupes"]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["method"] == "nupes" and results["w_bits"] == 3 and results["a_bits"] is None
-    ref = hf_classifier_metrics((tiny_bert_dir, str(tmp_path / "run" / "export")), str(tmp_path / "eval.csv"), 16)
+    ref = hf_classifier_metrics((tiny_bert_dir, str(tmp_path / "run" / "export" / "fake_quant")), str(tmp_path / "eval.csv"), 16)
     assert results["quantized"]["accuracy"] == pytest.approx(ref["accuracy"], abs=1.01 / ref["n"])
     assert results["quantized"]["fp_agreement"] == pytest.approx(ref["fp_agreement"], abs=1.01 / ref["n"])
     for block in results["blocks"]:

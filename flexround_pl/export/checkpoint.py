@@ -45,6 +45,7 @@ from torch import Tensor, nn
 import flexround_pl
 from flexround_pl.export.packing import pack_codes, packed_nbytes, unpack_codes
 from flexround_pl.quant.layers import QuantizedLayer
+from flexround_pl.utils import tensor_view_key
 from flexround_pl.rundir import CHECKPOINT_NAME  # re-exported
 
 FORMAT = "flexround_pl.quantized"
@@ -74,10 +75,6 @@ def _storage_key(t: Tensor) -> tuple:
     return (t.device.type, t.untyped_storage().data_ptr())
 
 
-def _view_key(t: Tensor) -> tuple:
-    return (*_storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
 def _digest(tensors: dict[str, Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (sorted by name)."""
     h = hashlib.sha256()
@@ -87,22 +84,6 @@ def _digest(tensors: dict[str, Tensor]) -> str:
         if t.numel():
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return "sha256:" + h.hexdigest()
-
-
-def state_dict_nbytes(module: nn.Module) -> int:
-    """Bytes of ``module``'s state dict, each shared tensor counted once (an FP checkpoint's size).
-
-    Works from shapes and dtypes alone, so a lazily loaded model (blocks on
-    ``meta``) is sized without reading a weight.
-    """
-    seen: set = set()
-    total = 0
-    for t in module.state_dict(keep_vars=True).values():
-        key = ("meta", id(t)) if t.is_meta else _view_key(t)  # every meta tensor has data_ptr 0
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
 
 
 def quantized_weight_nbytes(module: nn.Module) -> tuple[int, int]:
@@ -171,7 +152,7 @@ def save_quantized(module: nn.Module, path: str, metadata: Optional[dict[str, An
     storages: set = set()
     for key, t in module.state_dict().items():
         t = t.detach()
-        view = _view_key(t)
+        view = tensor_view_key(t)
         if view in by_view:
             aliases[key] = by_view[view]
             continue
@@ -379,5 +360,5 @@ def check_compatible(meta: dict[str, Any], compare: dict[str, Any], path: str) -
 
 __all__ = [
     "CHECKPOINT_NAME", "CheckpointError", "apply_quantized", "check_compatible", "load_quantized_model",
-    "quantized_layer_info", "quantized_weight_nbytes", "read_metadata", "read_quantized", "save_quantized", "state_dict_nbytes",
+    "quantized_layer_info", "quantized_weight_nbytes", "read_metadata", "read_quantized", "save_quantized",
 ]

@@ -1,9 +1,11 @@
 """Fake-quant export: the quantized model as ordinary floating-point weights.
 
-``fit`` writes ``<run dir>/export/`` (unless ``--export false``):
+The ``fake_quant`` export format, ``<run dir>/export/fake_quant/`` (the default of ``--export.formats``):
 
-* Hugging Face models (``transformers.PreTrainedModel``): ``save_pretrained``
-  output (``config.json``, ``model.safetensors``) + the tokenizer, loadable with
+* Hugging Face models (``transformers.PreTrainedModel``): a sharded
+  checkpoint (one ``model-*.safetensors`` shard per block, written from the
+  codes one block at a time, + ``model.safetensors.index.json``),
+  ``config.json`` and the tokenizer, loadable with
   plain ``transformers`` (``AutoModelForSequenceClassification.from_pretrained``
   / ``AutoModelForCausalLM.from_pretrained``), no flexround_pl needed. Each
   quantized layer's weight is its dequantized weight ``scale * (codes -
@@ -11,8 +13,9 @@
   FP dtype and layout.
 * Other models (torchvision CNNs): ``model_state_dict.pt``, a plain
   torchvision state dict (folded BatchNorms come back as identity BatchNorms
-  carrying the folded bias, see :func:`flexround_pl.models.cnn.torchvision_state_dict`),
-  for ``torchvision.models.get_model(arch, num_classes=...)``.
+  carrying the folded bias: the adapter's ``export_state_dict`` hook, see
+  :func:`flexround_pl.models.cnn.torchvision_state_dict`), for
+  ``torchvision.models.get_model(arch, num_classes=...)``.
 * ``flexround_export.json``: what was exported and how to load it.
 
 The exported model computes what the quantized model computes, on the same
@@ -28,29 +31,21 @@ weight-only-quantized model (noted in ``flexround_export.json``).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from flexround_pl.export.codes import LayerCodes, QuantizedCodes, is_transformers_model
+from flexround_pl.export.directory import INFO_FILE, atomic_directory, write_info  # noqa: F401  (INFO_FILE re-exported)
+from flexround_pl.export.formats import ExportContext, ExportFormat, ExportPlan, register
+from flexround_pl.export.hf_files import save_tokenizer, write_hf_model
 from flexround_pl.quant.layers import QuantizedLayer
 from flexround_pl.rundir import EXPORT_DIR  # re-exported
 
-INFO_FILE = "flexround_export.json"
 STATE_DICT_FILE = "model_state_dict.pt"
-
-
-def _is_hf(net: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
-    return isinstance(net, PreTrainedModel)
 
 
 def has_activation_quantization(net: nn.Module) -> bool:
@@ -91,16 +86,17 @@ def export_fake_quant(
     directory: str,
     tokenizer: Optional[Any] = None,
     info: Optional[dict[str, Any]] = None,
+    arch: Optional[Any] = None,
 ) -> str:
-    """Write the plain-FP export of the hardened ``net`` to ``directory`` (replaced atomically)."""
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")
-    try:
+    """Write the plain-FP export of the hardened, in-memory ``net`` to ``directory`` (replaced atomically).
+
+    ``arch``: the model's adapter (found from ``net`` when ``None``); a
+    non-``transformers`` model is written through its ``export_state_dict`` hook.
+    """
+    with atomic_directory(directory) as tmp:
         meta = dict(info or {})
         meta["activation_quantization_dropped"] = has_activation_quantization(net)
-        if _is_hf(net):
+        if is_transformers_model(net):
             use_cache = getattr(net.config, "use_cache", None)
             if use_cache is not None:
                 net.config.use_cache = True
@@ -109,33 +105,65 @@ def export_fake_quant(
             finally:
                 if use_cache is not None:
                     net.config.use_cache = use_cache
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            meta["format"] = "transformers"
-            meta["load"] = f"transformers.{_auto_class(net)}.from_pretrained(<this directory>)"
+            save_tokenizer(tokenizer, tmp)
+            meta.update(format="transformers", load=_hf_load(net))
         else:
-            from flexround_pl.models.cnn import torchvision_state_dict
-
-            torch.save(torchvision_state_dict(net), os.path.join(tmp, STATE_DICT_FILE))
-            meta["format"] = "torch_state_dict"
-            meta["model_class"] = type(net).__name__
-            meta["load"] = (
-                "m = torchvision.models.get_model(arch, num_classes=...); "
-                f"m.load_state_dict(torch.load('{STATE_DICT_FILE}'))"
-            )
-        with open(os.path.join(tmp, INFO_FILE), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-            f.write("\n")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)
-        if os.path.isdir(directory):
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            meta.update(_write_state_dict(net, arch, tmp))
+        write_info(tmp, meta)
     return directory
+
+
+def _write_state_dict(net: nn.Module, arch: Optional[Any], directory: str) -> dict[str, Any]:
+    """A non-``transformers`` model: its adapter's plain state dict, for ``torch.load`` + ``load_state_dict``."""
+    if arch is None:
+        from flexround_pl.models.adapter import find_architecture
+
+        arch = find_architecture(net)
+    if arch.export_state_dict is None:
+        raise ValueError(f"the {arch.name} adapter has no export_state_dict hook: the fake-quant export cannot write it")
+    torch.save(arch.export_state_dict(net), os.path.join(directory, STATE_DICT_FILE))
+    return {
+        "format": "torch_state_dict",
+        "model_class": type(net).__name__,
+        "load": (
+            "m = torchvision.models.get_model(arch, num_classes=...); "
+            f"m.load_state_dict(torch.load('{STATE_DICT_FILE}'))"
+        ),
+    }
+
+
+def _hf_load(net: nn.Module) -> str:
+    return f"transformers.{_auto_class(net)}.from_pretrained(<this directory>)"
+
+
+class FakeQuant(ExportFormat):
+    """``fake_quant``: every quantized weight dequantized to the layer's FP dtype; loads with no extra package.
+
+    Exact: the weights are the run's ``s1 * (codes - z)`` bit for bit. As large
+    as the FP model; activation quantization is dropped (noted in the info file).
+    """
+
+    name = "fake_quant"
+    fp16_scales = False
+
+    def refusal(self, plan: ExportPlan) -> Optional[str]:
+        return None
+
+    def write(self, codes: QuantizedCodes, directory: str, context: ExportContext) -> dict[str, Any]:
+        act = any(s.act_bits is not None for s in codes.schemes())
+        if not is_transformers_model(context.net):  # small torchvision CNNs: from the loaded quantized model
+            return {**_write_state_dict(context.net, context.arch, directory), "activation_quantization_dropped": act}
+
+        def dequantized(layer: LayerCodes) -> dict[str, Tensor]:
+            w = layer.dequantized()
+            w = w.t() if layer.scheme.kind == "QuantConv1D" else w.reshape(layer.fp_shape)
+            return {"weight": w.to(layer.fp_dtype)}
+
+        write_hf_model(codes, directory, context, dequantized, dtype=None)
+        return {"format": "transformers", "load": _hf_load(context.net), "activation_quantization_dropped": act}
+
+
+register(FakeQuant())
 
 
 def _auto_class(net: nn.Module) -> str:
@@ -147,4 +175,4 @@ def _auto_class(net: nn.Module) -> str:
     return "AutoModel"
 
 
-__all__ = ["EXPORT_DIR", "INFO_FILE", "STATE_DICT_FILE", "dequantized_state_dict", "export_fake_quant"]
+__all__ = ["FakeQuant", "STATE_DICT_FILE", "dequantized_state_dict", "export_fake_quant", "has_activation_quantization"]

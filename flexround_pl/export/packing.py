@@ -16,6 +16,7 @@ tens of MiB of temporaries.
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
@@ -113,4 +114,24 @@ def unpack_codes(packed: Tensor, bits: int, shape: Sequence[int], dtype: torch.d
     return values.to(dtype).reshape(tuple(int(s) for s in shape))
 
 
-__all__ = ["code_offset", "pack", "pack_codes", "packed_nbytes", "unpack", "unpack_codes"]
+def pack_rows_int32(values: Tensor, bits: int) -> Tensor:
+    """Each row of unsigned ``values`` ``[rows, cols]`` as its own dense little-endian bit stream in int32 words.
+
+    ``[rows, ceil(cols * bits / 32)]``: value ``j`` of a row sits at bits
+    ``j*bits ...`` of the row's stream, each row padded with zero bits to a
+    whole word. This is the packing of GPTQ's ``qweight`` / ``qzeros`` (for
+    2/3/4/8 bits; GPTQ stores the transpose) and of compressed-tensors'
+    ``weight_packed``.
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("int32 packing assumes a little-endian host")
+    rows, cols = values.shape
+    padded = -(-cols // 32) * 32  # 32 values of b bits fill exactly b words
+    v = values.to(torch.int32)
+    if padded != cols:
+        v = torch.nn.functional.pad(v, (0, padded - cols))
+    words = pack(v.reshape(-1), bits).view(torch.int32).reshape(rows, padded * bits // 32)
+    return words[:, : -(-cols * bits // 32)].contiguous()
+
+
+__all__ = ["code_offset", "pack", "pack_codes", "pack_rows_int32", "packed_nbytes", "unpack", "unpack_codes"]

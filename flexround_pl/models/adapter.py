@@ -9,7 +9,10 @@ calls :func:`register`. The pipeline only ever asks an adapter four things:
 * ``keep_fp``: module-name patterns that are never quantized (classifier,
   ``lm_head``, embeddings, ...);
 * ``prepare(model)``: one-off surgery before quantization (e.g. BatchNorm folding);
-* ``forward(model, inputs)``: the logits of the whole model for a batch dict.
+* ``forward(model, inputs)``: the logits of the whole model for a batch dict;
+* optionally ``export_state_dict(model)``: the hardened model's plain state dict
+  in its library's own layout, for the fake-quant export of models that are
+  not ``transformers`` models (torchvision CNNs: folded BatchNorms unfolded).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class Architecture:
     ``prepare``: optional in-place surgery run once before anything else.
     ``output_key``: attribute of a Hugging Face output holding the logits;
     ``None`` means the model returns the logits tensor itself (torchvision).
+    ``export_state_dict``: optional hook for the fake-quant export of a
+    non-``transformers`` model (see :mod:`flexround_pl.export.fake_quant`).
     """
 
     name: str
@@ -46,6 +51,7 @@ class Architecture:
     eight_bit: tuple[str, ...] = ()
     prepare: Optional[Callable[[nn.Module], nn.Module]] = None
     output_key: Optional[str] = "logits"
+    export_state_dict: Optional[Callable[[nn.Module], dict[str, torch.Tensor]]] = None
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """Blocks in execution order with their qualified names."""

@@ -206,6 +206,7 @@ RESNET = register(
         eight_bit=(r"^conv1\.conv$", r"^fc$"),
         prepare=prepare_resnet,
         output_key=None,
+        export_state_dict=lambda model: torchvision_state_dict(model),  # defined below
     )
 )
 
@@ -217,6 +218,7 @@ MOBILENET_V2 = register(
         eight_bit=(r"^features\.0\.0$", r"^classifier\.1$"),
         prepare=prepare_mobilenet_v2,
         output_key=None,
+        export_state_dict=lambda model: torchvision_state_dict(model),  # defined below
     )
 )
 

@@ -336,7 +336,7 @@ def materialize(model: nn.Module) -> nn.Module:
 
 def fp_nbytes(model: nn.Module) -> int:
     """Bytes of the FP state dict from shapes and dtypes alone (no weight is read); tied tensors count once."""
-    from flexround_pl.export.checkpoint import state_dict_nbytes
+    from flexround_pl.utils import state_dict_nbytes
 
     return state_dict_nbytes(model)
 

@@ -48,6 +48,17 @@ from .config import QuantConfig
 from .grid import GridConfig, group_view, ungroup
 
 
+def dequantize_codes(
+    codes: Tensor, scale: Tensor, zero_point: Tensor, cfg: GridConfig, exponent: Optional[Tensor] = None
+) -> Tensor:
+    """``scale * (codes - zero_point)`` (NUPES: through the inverse power) in the codes' grid layout, float32.
+
+    The one dequantization every hardened layer and every export uses, so they agree bit for bit.
+    """
+    u = scale * (group_view(codes.float(), cfg) - zero_point)
+    return ungroup(decode_values(u, exponent), codes.shape)
+
+
 class QuantizedLayer(nn.Module):
     """Base of the wrappers: FP weight + quantizer, then codes after :meth:`harden`."""
 
@@ -118,10 +129,8 @@ class QuantizedLayer(nn.Module):
         """``scale * (codes - zero_point)`` in the FP weight's shape (float32)."""
         if not self.hardened:
             raise RuntimeError("dequantize() needs codes: call harden() first")
-        v = group_view(self.codes.float(), self.grid_cfg)
-        u = self.scale * (v - self.zero_point)
-        u = decode_values(u, getattr(self, "exponent", None))
-        return self._to_fp_layout(ungroup(u, self.grid_shape))
+        u = dequantize_codes(self.codes, self.scale, self.zero_point, self.grid_cfg, getattr(self, "exponent", None))
+        return self._to_fp_layout(u)
 
     # ---- hardening ----------------------------------------------------------
     @torch.no_grad()
@@ -155,6 +164,16 @@ class QuantizedLayer(nn.Module):
         # contiguous: the layout must not depend on how the codes were made (harden() vs a
         # loaded checkpoint), or kernels differ and a reloaded model is not bitwise the same
         self.register_buffer("weight", self.dequantize().to(self.fp_dtype).contiguous(), persistent=False)
+
+    @torch.no_grad()
+    def round_scale(self, dtype: torch.dtype) -> None:
+        """Keep ``s1`` as ``dtype`` stores it (fp16: what GPTQ / AWQ / GGUF files hold); the cached weight follows.
+
+        The codes do not change; the layer then computes exactly what the exported file computes.
+        """
+        self.scale.copy_(self.scale.to(dtype).float())
+        if not self.weight.is_meta:  # a released lazy block recomputes it at its next forward
+            self._buffers["weight"] = self.dequantize().to(self.fp_dtype).contiguous()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a hardened checkpoint loaded into a fresh wrapper: become hardened first
