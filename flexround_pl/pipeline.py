@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import resource
 import time
 import warnings
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ import torch
 from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
+from flexround_pl import progress, report
 from flexround_pl.data.base import PTQDataModule
 from flexround_pl.export.checkpoint import (
     CHECKPOINT_NAME,
@@ -41,6 +41,7 @@ from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.driver import quantize_blocks, quantize_outside_blocks
 from flexround_pl.reconstruct.module import calibrate_model_activations
+from flexround_pl.progress import peak_rss_mb
 from flexround_pl.utils import is_rank_zero, write_json_atomic
 
 # Trainer arguments the driver owns for every per-block trainer.
@@ -115,11 +116,11 @@ class TrainerSettings:
         with quiet_lightning():
             return L.Trainer(**kw)
 
-    def eval_trainer(self) -> L.Trainer:
+    def eval_trainer(self, callbacks: tuple = ()) -> L.Trainer:
         keep = ("accelerator", "devices", "num_nodes", "precision", "strategy", "enable_progress_bar",
                 "limit_val_batches", "limit_test_batches", "default_root_dir", "plugins")
         kw = {k: v for k, v in self.settings.items() if k in keep and v is not None}
-        kw.update(logger=False, enable_checkpointing=False, enable_model_summary=False)
+        kw.update(logger=False, enable_checkpointing=False, enable_model_summary=False, callbacks=list(callbacks))
         with quiet_lightning():
             trainer = L.Trainer(**kw)
             if trainer.world_size > 1:
@@ -156,16 +157,12 @@ def evaluate(
     later pass on the same loader adds ``fp_agreement`` (and ``fp_kl`` for a
     classifier) to its metrics.
     """
-    trainer = settings.eval_trainer()
+    trainer = settings.eval_trainer([progress.EvalProgress(f"{'FP' if reference else 'quantized'} evaluation")])
     for measure in model.fidelity:
         measure.start(record=reference)
     with quiet_lightning():
         getattr(trainer, stage)(model, datamodule=datamodule, verbose=False)
     return dict(model.last_metrics)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def prepare(model: PTQModel, datamodule: PTQDataModule) -> None:
@@ -278,12 +275,13 @@ def run(
     if model.evaluate_fp:
         fp_metrics = evaluate(model, datamodule, settings, reference=True)
         log(f"FP metrics: {_fmt(fp_metrics)}")
+    fp_texts = _generations(model, datamodule, log)  # causal LMs: greedy text before quantizing, for the report
     phases.lap("fp_eval")
 
     device = settings.eval_trainer().strategy.root_device
     blocks = model.arch.blocks(model.net)
     cache = CalibrationCache.capture(
-        lambda inputs: model(inputs), blocks[0][1], datamodule.calibration_dataloader(),
+        lambda inputs: model(inputs), blocks[0][1], progress.track(datamodule.calibration_dataloader(), "calibration capture"),
         cache=recon.cache, cache_dir=_cache_dir(recon.cache_dir, settings.root),
     )
     where = f"on disk ({cache.storage.directory})" if cache.storage.on_disk else "in memory"
@@ -307,6 +305,7 @@ def run(
 
     q_metrics = evaluate(model, datamodule, settings)
     log(f"quantized metrics: {_fmt(q_metrics)}" + (f"  (FP {_fmt(fp_metrics)})" if fp_metrics else ""))
+    q_texts = _generations(model, datamodule, log) if fp_texts else None
     phases.lap("quantized_eval")
 
     ckpt = os.path.join(settings.root, CHECKPOINT_NAME)
@@ -354,6 +353,9 @@ def run(
         "phases": phases.laps,  # {"fp_eval" | "quantize" | "quantized_eval": {"seconds", "cpu_seconds"}}
         "peak_rss_mb": peak_rss_mb(),
     }
+    if fp_texts and q_texts:
+        results["generations"] = report.pair_samples(fp_texts, q_texts)
+    log(report.summary(results))
     if is_rank_zero():
         write_json_atomic(os.path.join(settings.root, "results.json"), results)
     log(f"results written to {os.path.join(settings.root, 'results.json')}")
@@ -363,6 +365,18 @@ def run(
 def _cache_dir(configured: Optional[str], root: str) -> str:
     """The disk cache directory: ``reconstruction.cache_dir`` or ``<run dir>/cache`` (file names are unique per process)."""
     return os.path.abspath(os.path.expanduser(configured)) if configured else os.path.join(root, "cache")
+
+
+def _generations(model: PTQModel, datamodule: PTQDataModule, log: Callable[[str], None]) -> Optional[list[str]]:
+    """Greedy continuations of :data:`report.PROMPTS` by a causal LM; ``None`` for other models."""
+    if not report.can_generate(model.net) or datamodule.tokenizer is None:
+        return None
+    if lazy.is_lazy(model.net):
+        log("generations skipped: a lazy model would re-read every block per generated token")
+        return None
+    device = next(model.net.parameters()).device
+    with progress.heartbeat(f"greedy generation ({len(report.PROMPTS)} prompts)"):
+        return report.greedy_samples(model.net, datamodule.tokenizer, device)
 
 
 def _silent(message: str) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from flexround_pl import progress
 from flexround_pl.models import llama as _llama  # noqa: F401  (SmolLM2 is a LlamaForCausalLM)
 from flexround_pl.models.sources import ModelSource
 from flexround_pl.utils import atomic_cache_dir, default_cache_root
@@ -98,7 +99,8 @@ def convert_gguf(path: str, gguf_file: str, root: Optional[str] = None, log: Any
     directory, name = os.path.dirname(full), os.path.basename(full)
     log(f"[gguf] converting {full} once into {final} (dequantizing takes ~1 min and ~2 GB)")
     start = time.perf_counter()
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    with progress.heartbeat("gguf: dequantizing"):
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the GGUF marker that makes save_pretrained refuse
@@ -113,9 +115,10 @@ def convert_gguf(path: str, gguf_file: str, root: Optional[str] = None, log: Any
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {full}: missing {missing}, unexpected {unexpected}")
     fresh.tie_weights()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    with progress.heartbeat("gguf: reading the tokenizer"):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
 
-    with atomic_cache_dir(final, INFO_FILE) as tmp:
+    with progress.heartbeat("gguf: saving the converted checkpoint"), atomic_cache_dir(final, INFO_FILE) as tmp:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         info = {

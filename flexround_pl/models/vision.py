@@ -35,6 +35,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
+from flexround_pl import progress
 from flexround_pl.models import cnn  # noqa: F401  (registers the ResNet / MobileNetV2 adapters)
 from flexround_pl.models.sources import ModelSource, TrainedHereSource
 from flexround_pl.utils import torch_threads
@@ -386,20 +387,19 @@ class FashionMNISTResNet18(TrainedHereSource):
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        start, step = time.perf_counter(), 0
-        for epoch in range(self.epochs):
-            perm = order[torch.randperm(len(order), generator=g)]
-            for b in range(steps_per_epoch):
-                idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
-                x = to_pixel_values(images[idx], self.image_size, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
-                loss = nn.functional.cross_entropy(model(x), labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                if step % 50 == 0 or step == total:
-                    log(f"  step {step}/{total} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)")
+        start = time.perf_counter()
+        with progress.Progress("Fashion-MNIST ResNet-18 training", total, unit="step") as bar:
+            for epoch in range(self.epochs):
+                perm = order[torch.randperm(len(order), generator=g)]
+                for b in range(steps_per_epoch):
+                    idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
+                    x = to_pixel_values(images[idx], self.image_size, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+                    loss = nn.functional.cross_entropy(model(x), labels[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    bar.update(loss=loss.item())
         return model.eval(), time.perf_counter() - start
 
 

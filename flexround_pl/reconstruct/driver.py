@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from flexround_pl import progress
 from flexround_pl.models import lazy
 from flexround_pl.models.adapter import Architecture
 from flexround_pl.quant.config import QuantConfig
@@ -197,7 +198,8 @@ def quantize_blocks(
             )
             keep = KeepBestParameters(f"{tag}/val_loss", loss_start)
             interval = math.ceil(max_steps / recon.evaluations) if recon.evaluations else None
-            trainer = make_trainer(tag, [keep, FiniteLossGuard(i, len(blocks), name, recon.lr)], interval)
+            bar = progress.BlockProgress(f"block {i + 1}/{len(blocks)} {name}", max_steps)
+            trainer = make_trainer(tag, [keep, FiniteLossGuard(i, len(blocks), name, recon.lr), bar], interval)
             trainer.fit(module, datamodule=dm)
             steps = trainer.global_step
             block.to(device)
@@ -232,7 +234,7 @@ def quantize_blocks(
         lazy.release(block)  # lazy: the dequantized weight caches go back to meta, the codes stay
         log(
             f"block {i + 1}/{len(blocks)} {name}: {len(swapped)} layers, loss {loss_start:.4g} -> "
-            f"{loss_end:.4g} ({result.seconds:.1f} s)"
+            f"{loss_end:.4g} ({result.seconds:.1f} s, peak RSS {progress.peak_rss_mb():.0f} MB)"
         )
     return results
 
