@@ -21,6 +21,9 @@ Subcommands and what they leave in the run directory (``trainer.default_root_dir
   unless ``--fresh true``, which discards the old state and outputs.
   A diverging block (NaN / inf loss) stops the run with exit 1, naming the
   block, the iteration and the likely cause; finished blocks stay saved.
+* ``compare``: ``fit`` for each ``--methods`` x ``--bits`` (finished runs
+  reused), then ``compare.md``, ``compare.json`` and PNG plots
+  (:mod:`flexround_pl.compare`).
 * ``validate`` / ``test``: load ``quantized.safetensors`` of the run directory
   (or ``--ckpt_path FILE``) into the config's model and print FP vs quantized
   metrics on the data module's validation / test loader; the quantized metric
@@ -169,6 +172,11 @@ class FlexRoundCLI(LightningCLI):
 
 
 def main(args: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "compare":  # several fit runs and one report: flexround_pl/compare.py
+        from flexround_pl.compare import main as compare
+
+        return compare(argv[1:])
     try:
         FlexRoundCLI(args=args)
     except ArgumentError as err:
