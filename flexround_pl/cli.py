@@ -40,7 +40,7 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from flexround_pl import pipeline
+from flexround_pl import pipeline, progress
 from flexround_pl.data.base import PTQDataModule
 from flexround_pl.export.checkpoint import (
     CHECKPOINT_NAME,
@@ -188,6 +188,8 @@ def main(args: Optional[list[str]] = None) -> int:
     except DivergenceError as err:
         print(f"flexround_pl: error: {_one_line(err)}", file=sys.stderr)
         return 1
+    finally:
+        progress.stop_all()  # a step's heartbeat thread left running by an error
     return 0
 
 

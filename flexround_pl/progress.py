@@ -9,8 +9,9 @@ each block's reconstruction, evaluation) reports through one of three tools:
   then one every :func:`interval` seconds, then one when it ends:
   ``[desc] 40/120 steps (33%), 2.1 steps/s, elapsed 19s, ETA 38s, loss 0.412``;
 * :func:`track`: the same around an iterable;
-* :func:`heartbeat`: a step with no count (one library call that takes a
-  minute): ``[desc] still running, 25s elapsed`` every interval, from a thread.
+* :func:`heartbeat` / :class:`Heartbeat`: a step with no count (one library
+  call that takes a minute, a grid search): ``[desc] still running, 25s
+  elapsed`` every interval, from a thread.
 
 ``FLEXROUND_PL_PROGRESS`` = ``auto`` (default: bar on a TTY, lines otherwise),
 ``bar``, ``lines`` or ``off``; ``FLEXROUND_PL_PROGRESS_INTERVAL`` = seconds
@@ -26,6 +27,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Iterable, Iterator, Optional, TextIO
 
 import lightning as L
@@ -158,30 +160,68 @@ def track(items: Iterable, desc: str, total: Optional[int] = None, unit: str = "
             bar.update()
 
 
+class Heartbeat:
+    """A line every interval while a step with no count runs (from a thread), until :meth:`stop`.
+
+    ``announce``: also print when it starts and stops; otherwise it speaks only
+    once the step has run for an interval (a step that is usually quick).
+    """
+
+    def __init__(self, desc: str, announce: bool = True, stream: Optional[TextIO] = None) -> None:
+        self.desc, self.announce = desc, announce
+        self.stream = stream or sys.stderr
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._spoke = False
+
+    def _print(self, text: str) -> None:
+        print(f"[{self.desc}] {text}", file=self.stream, flush=True)
+        self._spoke = True
+
+    def start(self) -> "Heartbeat":
+        if mode(self.stream) == "off":
+            return self
+        _RUNNING.add(self)
+        self.start_time = time.perf_counter()
+        if self.announce:
+            self._print("started")
+
+        def beat() -> None:
+            while not self._stop.wait(interval()):
+                self._print(f"still running, {_duration(time.perf_counter() - self.start_time)} elapsed")
+
+        self._thread = threading.Thread(target=beat, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        _RUNNING.discard(self)
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        if self._spoke:
+            self._print(f"done in {_duration(time.perf_counter() - self.start_time)}")
+
+
+_RUNNING: "weakref.WeakSet[Heartbeat]" = weakref.WeakSet()
+
+
+def stop_all() -> None:
+    """Stop every running :class:`Heartbeat` (the CLI calls it when a command ends, also by an error)."""
+    for beat in list(_RUNNING):
+        beat.stop()
+
+
 @contextlib.contextmanager
-def heartbeat(desc: str, stream: Optional[TextIO] = None) -> Iterator[None]:
-    """Around one long call with no count: a line at the start, then one per interval until it returns."""
-    stream = stream or sys.stderr
-    chosen = mode(stream)
-    if chosen == "off":
-        yield
-        return
-    start = time.perf_counter()
-    print(f"[{desc}] started", file=stream, flush=True)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(interval()):
-            print(f"[{desc}] still running, {_duration(time.perf_counter() - start)} elapsed", file=stream, flush=True)
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
+def heartbeat(desc: str, announce: bool = True, stream: Optional[TextIO] = None) -> Iterator[None]:
+    """:class:`Heartbeat` around a block of code."""
+    beat = Heartbeat(desc, announce, stream).start()
     try:
         yield
     finally:
-        stop.set()
-        thread.join()
-        print(f"[{desc}] done in {_duration(time.perf_counter() - start)}", file=stream, flush=True)
+        beat.stop()
 
 
 class BlockProgress(L.Callback):

@@ -100,3 +100,19 @@ def test_fit_in_a_log_file_speaks_within_5_seconds_and_reports_every_long_step(t
     assert re.search(r"^block 2/2 bert\.encoder\.layer\.1: 6 layers, loss \S+ -> \S+ \([\d.]+ s, peak RSS \d+ MB\)$",
                      rest, re.M)
     assert "\r" not in rest  # no bar redraws in a log file
+
+
+def test_a_quiet_heartbeat_speaks_only_when_slow_and_stop_all_ends_a_forgotten_one(monkeypatch):
+    monkeypatch.setenv("FLEXROUND_PL_PROGRESS_INTERVAL", "0.05")
+    quick = _Stream(tty=False)
+    progress.Heartbeat("block 1/2 x: preparing", announce=False, stream=quick).start().stop()
+    assert quick.getvalue() == ""
+    slow = _Stream(tty=False)
+    beat = progress.Heartbeat("block 2/2 y: preparing", announce=False, stream=slow).start()
+    time.sleep(0.2)
+    progress.stop_all()  # as the CLI does when an error ends the command mid-step
+    lines = slow.getvalue().splitlines()
+    assert lines[0].startswith("[block 2/2 y: preparing] still running") and lines[-1].startswith(
+        "[block 2/2 y: preparing] done in")
+    time.sleep(0.15)
+    assert slow.getvalue().splitlines() == lines and beat._thread is None

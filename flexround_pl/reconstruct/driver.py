@@ -168,6 +168,8 @@ def quantize_blocks(
         tag = f"block_{i:02d}"
         L.seed_everything(recon.seed + i, verbose=False)
 
+        # quiet unless slow: the grid search, activation calibration, targets and RTN loss before training
+        preparing = progress.Heartbeat(f"block {i + 1}/{len(blocks)} {name}: preparing", announce=False).start()
         lazy.pin(block)  # a lazily loaded block: resident (read from the shards) until released below
         teacher = copy.deepcopy(block).eval().requires_grad_(False).to(device)
         cache.compute_targets(teacher, device, recon.eval_batch_size)
@@ -181,6 +183,7 @@ def quantize_blocks(
             lazy.release(block)
             del teacher
             results.append(BlockResult(**{f.name: saved.get(f.name) for f in dataclasses.fields(BlockResult)}))
+            preparing.stop()
             log(f"block {i + 1}/{len(blocks)} {name}: finished by an earlier run, reloaded")
             continue
         swapped = quantize_modules(block, quant, keep_fp=keep_fp, eight_bit=quant.eight_bit_patterns(arch.eight_bit), prefix=name)
@@ -200,6 +203,7 @@ def quantize_blocks(
             interval = math.ceil(max_steps / recon.evaluations) if recon.evaluations else None
             bar = progress.BlockProgress(f"block {i + 1}/{len(blocks)} {name}", max_steps)
             trainer = make_trainer(tag, [keep, FiniteLossGuard(i, len(blocks), name, recon.lr), bar], interval)
+            preparing.stop()
             trainer.fit(module, datamodule=dm)
             steps = trainer.global_step
             block.to(device)
@@ -218,6 +222,7 @@ def quantize_blocks(
             del module, trainer, keep
             gc.collect()
 
+        preparing.stop()  # (no training: RTN, data-free NUPES)
         set_hard(block, True)
         harden_modules(block)
         loss_end = _advance_and_score(cache, block, device, recon.eval_batch_size)
