@@ -19,7 +19,7 @@ import os
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import lightning as L
@@ -39,10 +39,12 @@ from flexround_pl.export.fake_quant import EXPORT_DIR, export_fake_quant
 from flexround_pl.models import lazy
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.cache import CalibrationCache
-from flexround_pl.reconstruct.driver import quantize_blocks, quantize_outside_blocks
+from flexround_pl.reconstruct.driver import BlockResult, quantize_blocks, quantize_outside_blocks
 from flexround_pl.reconstruct.module import calibrate_model_activations
 from flexround_pl.progress import peak_rss_mb
 from flexround_pl.utils import is_rank_zero, write_json_atomic
+
+RESULTS_NAME = "results.json"
 
 # Trainer arguments the driver owns for every per-block trainer.
 _BLOCK_TRAINER_FIXED = dict(
@@ -264,10 +266,10 @@ def run(
         prepare(model, datamodule)
     assert model.net is not None and model.arch is not None
     fp_nbytes = state_dict_nbytes(model.net)  # from shapes and dtypes: reads nothing of a lazy model
-    quant, recon = model.quant, model.reconstruction
+    summary = _run_summary(model, settings)
     log(
-        f"flexround_pl: {model.source.describe()} ({model.arch.name}), method={quant.method}, "
-        f"W{quant.weight.bits} {quant.weight.granularity}, {settings.max_steps} steps/block"
+        f"flexround_pl: {summary['model']} ({summary['architecture']}), method={summary['method']}, "
+        f"W{summary['w_bits']} {summary['granularity']}, {settings.max_steps} steps/block"
     )
 
     phases = _PhaseClock()  # wall / CPU seconds per phase, for results.json
@@ -278,6 +280,83 @@ def run(
     fp_texts = _generations(model, datamodule, log)  # causal LMs: greedy text before quantizing, for the report
     phases.lap("fp_eval")
 
+    quantized = _quantize(model, datamodule, settings, log, state)
+    phases.lap("quantize")  # calibration capture + every block + outside-block RTN
+
+    q_metrics = evaluate(model, datamodule, settings)
+    log(f"quantized metrics: {_fmt(q_metrics)}" + (f"  (FP {_fmt(fp_metrics)})" if fp_metrics else ""))
+    q_texts = _generations(model, datamodule, log) if fp_texts else None
+    phases.lap("quantized_eval")
+
+    ckpt_nbytes = _write_checkpoint(model, settings, summary, q_metrics, config, log, fp_nbytes)
+    if export:
+        _write_export(model, settings, summary, log)
+
+    results = {
+        **summary,
+        "calibration_samples": quantized.calibration_samples,
+        "fp": fp_metrics,
+        "quantized": q_metrics,
+        "blocks": [asdict(b) for b in quantized.blocks],
+        "outside_blocks_rtn": quantized.outside_blocks_rtn,
+        "size_mb": {"quantized": ckpt_nbytes / 2**20, "fp": fp_nbytes / 2**20},
+        "quantized_weights_mb": dict(zip(("packed", "fp"), (n / 2**20 for n in quantized_weight_nbytes(model.net)))),
+        "resumed_blocks": quantized.resumed_blocks,
+        "seconds_total": time.perf_counter() - t0,
+        "cpu_seconds_total": time.process_time() - cpu0,  # all threads; wall time on a busy machine misleads
+        "phases": phases.laps,  # {"fp_eval" | "quantize" | "quantized_eval": {"seconds", "cpu_seconds"}}
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if fp_texts and q_texts:
+        results["generations"] = report.pair_samples(fp_texts, q_texts)
+    log(report.summary(results))
+    path = os.path.join(settings.root, RESULTS_NAME)
+    if is_rank_zero():
+        write_json_atomic(path, results)
+    log(f"results written to {path}")
+    return results
+
+
+def _run_summary(model: PTQModel, settings: TrainerSettings) -> dict[str, Any]:
+    """What was run: the head of ``results.json`` and of the quantized checkpoint's metadata."""
+    assert model.net is not None and model.arch is not None
+    quant, recon = model.quant, model.reconstruction
+    return {
+        "method": quant.method,
+        "w_bits": quant.weight.bits,
+        "a_bits": quant.activation.bits,
+        "a_granularity": quant.activation.granularity if quant.activation.bits is not None else None,
+        "qdrop_p": recon.effective_qdrop_p(quant.activation.bits is not None),
+        "granularity": quant.weight.granularity,
+        "group_size": quant.weight.group_size if quant.weight.granularity == "group" else None,
+        "symmetric": quant.weight.symmetric,
+        "grid_init": quant.weight.init,
+        "model": model.source.describe(),
+        "architecture": model.arch.name,
+        "model_class": type(model.net).__name__,
+        "max_steps": settings.max_steps,
+        "lr": recon.lr,
+        "batch_size": recon.batch_size,
+    }
+
+
+@dataclass
+class _Quantized:
+    """What :func:`_quantize` did, for ``results.json``."""
+
+    blocks: list[BlockResult]
+    outside_blocks_rtn: list[str]
+    calibration_samples: int
+    resumed_blocks: int
+
+
+def _quantize(
+    model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, log: Callable[[str], None],
+    state: Optional[Any],
+) -> _Quantized:
+    """Capture the calibration inputs of block 0, reconstruct every block, RTN the rest, calibrate activations."""
+    assert model.net is not None and model.arch is not None
+    quant, recon = model.quant, model.reconstruction
     device = settings.eval_trainer().strategy.root_device
     blocks = model.arch.blocks(model.net)
     cache = CalibrationCache.capture(
@@ -301,65 +380,31 @@ def run(
     )  # activation quantizers outside blocks (e.g. a CNN's last layer input)
     n_calibration = len(cache)
     del cache
-    phases.lap("quantize")  # calibration capture + every block + outside-block RTN
+    return _Quantized(block_results, outside, n_calibration, resumed)
 
-    q_metrics = evaluate(model, datamodule, settings)
-    log(f"quantized metrics: {_fmt(q_metrics)}" + (f"  (FP {_fmt(fp_metrics)})" if fp_metrics else ""))
-    q_texts = _generations(model, datamodule, log) if fp_texts else None
-    phases.lap("quantized_eval")
 
+def _write_checkpoint(
+    model: PTQModel, settings: TrainerSettings, summary: dict[str, Any], q_metrics: dict[str, float],
+    config: Optional[dict[str, Any]], log: Callable[[str], None], fp_nbytes: int,
+) -> int:
+    """Save ``quantized.safetensors`` (rank 0); its metadata is the run summary + metrics + fingerprint."""
+    assert model.net is not None
     ckpt = os.path.join(settings.root, CHECKPOINT_NAME)
-    a_granularity = quant.activation.granularity if quant.activation.bits is not None else None
-    meta = {
-        "method": quant.method, "bits": quant.weight.bits, "granularity": quant.weight.granularity,
-        "group_size": quant.weight.group_size if quant.weight.granularity == "group" else None,
-        "symmetric": quant.weight.symmetric, "a_bits": quant.activation.bits, "a_granularity": a_granularity,
-        "model": model.source.describe(), "architecture": model.arch.name,
-        "model_class": type(model.net).__name__, "quantized_metrics": q_metrics, "config": config or {},
-    }
+    meta = {**summary, "quantized_metrics": q_metrics, "config": config or {}}
     ckpt_nbytes = save_quantized(model.net, ckpt, meta) if is_rank_zero() else 0
     log(f"quantized checkpoint: {ckpt} ({ckpt_nbytes / 2**20:.2f} MiB, FP {fp_nbytes / 2**20:.2f} MiB)")
-    if export and is_rank_zero():
-        lazy.materialize(model.net)  # lazy models: the export needs every dequantized weight at once
-        out = export_fake_quant(model.net, os.path.join(settings.root, EXPORT_DIR), model.source.load_tokenizer(),
-                                {k: meta[k] for k in ("method", "bits", "granularity", "model", "architecture")})
-        log(f"plain-FP export (dequantized weights): {out}")
+    return ckpt_nbytes
 
-    results = {
-        "method": quant.method,
-        "w_bits": quant.weight.bits,
-        "a_bits": quant.activation.bits,
-        "a_granularity": a_granularity,
-        "qdrop_p": recon.effective_qdrop_p(quant.activation.bits is not None),
-        "granularity": quant.weight.granularity,
-        "group_size": quant.weight.group_size if quant.weight.granularity == "group" else None,
-        "symmetric": quant.weight.symmetric,
-        "grid_init": quant.weight.init,
-        "model": model.source.describe(),
-        "architecture": model.arch.name,
-        "max_steps": settings.max_steps,
-        "lr": recon.lr,
-        "batch_size": recon.batch_size,
-        "calibration_samples": n_calibration,
-        "fp": fp_metrics,
-        "quantized": q_metrics,
-        "blocks": [asdict(b) for b in block_results],
-        "outside_blocks_rtn": outside,
-        "size_mb": {"quantized": ckpt_nbytes / 2**20, "fp": fp_nbytes / 2**20},
-        "quantized_weights_mb": dict(zip(("packed", "fp"), (n / 2**20 for n in quantized_weight_nbytes(model.net)))),
-        "resumed_blocks": resumed,
-        "seconds_total": time.perf_counter() - t0,
-        "cpu_seconds_total": time.process_time() - cpu0,  # all threads; wall time on a busy machine misleads
-        "phases": phases.laps,  # {"fp_eval" | "quantize" | "quantized_eval": {"seconds", "cpu_seconds"}}
-        "peak_rss_mb": peak_rss_mb(),
-    }
-    if fp_texts and q_texts:
-        results["generations"] = report.pair_samples(fp_texts, q_texts)
-    log(report.summary(results))
-    if is_rank_zero():
-        write_json_atomic(os.path.join(settings.root, "results.json"), results)
-    log(f"results written to {os.path.join(settings.root, 'results.json')}")
-    return results
+
+def _write_export(model: PTQModel, settings: TrainerSettings, summary: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Write the plain-FP export (rank 0)."""
+    if not is_rank_zero():
+        return
+    assert model.net is not None
+    lazy.materialize(model.net)  # lazy models: the export needs every dequantized weight at once
+    info = {k: summary[k] for k in ("method", "w_bits", "granularity", "model", "architecture")}
+    out = export_fake_quant(model.net, os.path.join(settings.root, EXPORT_DIR), model.source.load_tokenizer(), info)
+    log(f"plain-FP export (dequantized weights): {out}")
 
 
 def _cache_dir(configured: Optional[str], root: str) -> str:

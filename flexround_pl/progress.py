@@ -225,13 +225,18 @@ def heartbeat(desc: str, announce: bool = True, stream: Optional[TextIO] = None)
 
 
 class BlockProgress(L.Callback):
-    """One block's reconstruction: steps with rate, ETA and the current training loss."""
+    """One block's reconstruction: steps with rate, ETA and the current training loss.
 
-    def __init__(self, desc: str, total_steps: int) -> None:
-        self.desc, self.total_steps = desc, total_steps
+    ``stops``: a :class:`Heartbeat` to stop when training starts.
+    """
+
+    def __init__(self, desc: str, total_steps: int, stops: Optional[Heartbeat] = None) -> None:
+        self.desc, self.total_steps, self.stops = desc, total_steps, stops
         self.bar: Optional[Progress] = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stops is not None:  # the heartbeat of what ran before training (the block's preparation)
+            self.stops.stop()
         if trainer.is_global_zero:
             self.bar = Progress(self.desc, self.total_steps, unit="step")
 

@@ -286,7 +286,7 @@ def test_fit_writes_a_packed_checkpoint_and_reports_sizes(fitted):
     weights = results["quantized_weights_mb"]
     assert weights["packed"] < weights["fp"] * 3.5 / 32  # 3-bit codes + a few scales
     meta = read_metadata(str(run / "quantized.safetensors"))
-    assert meta["method"] == "flexround" and meta["bits"] == 3 and meta["architecture"] == "bert"
+    assert meta["method"] == "flexround" and meta["w_bits"] == 3 and meta["architecture"] == "bert"
     assert meta["library_version"] and meta["quantized_metrics"] == results["quantized"]
     assert len(meta["layers"]) == 12 and meta["config"]["model.quant.weight.bits"] == 3
 

@@ -21,7 +21,7 @@ import gc
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import lightning as L
 import torch
@@ -162,86 +162,115 @@ def quantize_blocks(
     """
     blocks = arch.blocks(model)
     keep_fp = tuple(arch.keep_fp) + tuple(quant.keep_fp)
+    eight_bit = quant.eight_bit_patterns(arch.eight_bit)
     results = []
     for i, (name, block) in enumerate(blocks):
         start = time.perf_counter()
-        tag = f"block_{i:02d}"
+        where = f"block {i + 1}/{len(blocks)} {name}"
         L.seed_everything(recon.seed + i, verbose=False)
 
         # quiet unless slow: the grid search, activation calibration, targets and RTN loss before training
-        preparing = progress.Heartbeat(f"block {i + 1}/{len(blocks)} {name}: preparing", announce=False).start()
+        preparing = progress.Heartbeat(f"{where}: preparing", announce=False).start()
         lazy.pin(block)  # a lazily loaded block: resident (read from the shards) until released below
         teacher = copy.deepcopy(block).eval().requires_grad_(False).to(device)
         cache.compute_targets(teacher, device, recon.eval_batch_size)
         saved = state.finished(i, name) if state is not None else None
-        if saved is not None:  # finished by an earlier run: reload it, push the cache forward
-            quantize_modules(block, _shell_config(quant), keep_fp=keep_fp, eight_bit=quant.eight_bit_patterns(arch.eight_bit), prefix=name)
-            state.load_block(i, block)
-            block.to(device)
-            cache.advance(block, device, recon.eval_batch_size)
-            block.cpu()
-            lazy.release(block)
+        if saved is not None:
             del teacher
-            results.append(BlockResult(**{f.name: saved.get(f.name) for f in dataclasses.fields(BlockResult)}))
+            assert state is not None
+            results.append(_reload_finished_block(state, i, name, block, saved, cache, quant, keep_fp, eight_bit,
+                                                  device, recon.eval_batch_size))
             preparing.stop()
-            log(f"block {i + 1}/{len(blocks)} {name}: finished by an earlier run, reloaded")
+            log(f"{where}: finished by an earlier run, reloaded")
             continue
-        swapped = quantize_modules(block, quant, keep_fp=keep_fp, eight_bit=quant.eight_bit_patterns(arch.eight_bit), prefix=name)
+
+        swapped = quantize_modules(block, quant, keep_fp=keep_fp, eight_bit=eight_bit, prefix=name)
         block.to(device)
         calibrate_block_activations(block, cache, device, recon.eval_batch_size, quant.activation.init_samples)
         dm = BlockDataModule(cache, recon.batch_size, recon.eval_batch_size, recon.seed + i)
         loss_start: Optional[float] = None  # without training it equals loss_end: one pass fewer
         best_step, steps = 0, 0
         if learnable_parameters(block) and max_steps > 0:
-            loss_start = _hard_loss(block, dm, device)
-            _check_finite(loss_start, i, len(blocks), name, 0, recon.lr)
-            module = BlockReconstruction(
-                teacher, block, recon.lr, tag=tag, act_lr=quant.activation.lr,
-                qdrop_p=recon.effective_qdrop_p(quant.activation.bits is not None),
+            loss_start, steps, best_step = _train_block(
+                i, len(blocks), name, block, teacher, dm, quant, recon, make_trainer, max_steps, device,
+                [progress.BlockProgress(where, max_steps, stops=preparing)],
             )
-            keep = KeepBestParameters(f"{tag}/val_loss", loss_start)
-            interval = math.ceil(max_steps / recon.evaluations) if recon.evaluations else None
-            bar = progress.BlockProgress(f"block {i + 1}/{len(blocks)} {name}", max_steps)
-            trainer = make_trainer(tag, [keep, FiniteLossGuard(i, len(blocks), name, recon.lr), bar], interval)
-            preparing.stop()
-            trainer.fit(module, datamodule=dm)
-            steps = trainer.global_step
-            block.to(device)
-            if keep.last is not None and keep.last[0] == steps:
-                last = keep.last[1]  # validated at the final step already: no extra pass
-            else:
-                last = _hard_loss(block, dm, device)
-            if not math.isfinite(last) or keep.best < last:
-                keep.restore(module)
-                best_step = keep.best_step
-            else:
-                best_step = steps
-            # the trainer, the module and the data module reference each other: free the teacher copy,
-            # gradients and optimizer states now, not whenever the cyclic GC runs (they pile up over blocks)
-            dm.trainer = None
-            del module, trainer, keep
-            gc.collect()
-
-        preparing.stop()  # (no training: RTN, data-free NUPES)
-        set_hard(block, True)
-        harden_modules(block)
-        loss_end = _advance_and_score(cache, block, device, recon.eval_batch_size)
+        preparing.stop()  # without training (RTN, data-free NUPES): here
+        loss_end = _harden_and_advance(block, cache, device, recon.eval_batch_size)
         _check_finite(loss_end, i, len(blocks), name, steps, recon.lr)
-        if loss_start is None:
-            loss_start = loss_end
         block.cpu()
         del teacher
 
-        result = BlockResult(name, loss_start, loss_end, time.perf_counter() - start, steps, best_step, len(swapped))
+        result = BlockResult(name, loss_end if loss_start is None else loss_start, loss_end,
+                             time.perf_counter() - start, steps, best_step, len(swapped))
         results.append(result)
         if state is not None:
             state.save_block(i, name, block, dataclasses.asdict(result))
         lazy.release(block)  # lazy: the dequantized weight caches go back to meta, the codes stay
-        log(
-            f"block {i + 1}/{len(blocks)} {name}: {len(swapped)} layers, loss {loss_start:.4g} -> "
-            f"{loss_end:.4g} ({result.seconds:.1f} s, peak RSS {progress.peak_rss_mb():.0f} MB)"
-        )
+        log(f"{where}: {len(swapped)} layers, loss {result.loss_start:.4g} -> {loss_end:.4g} ({result.seconds:.1f} s, "
+            f"peak RSS {progress.peak_rss_mb():.0f} MB)")
     return results
+
+
+def _reload_finished_block(
+    state: "RunState", index: int, name: str, block: nn.Module, saved: dict, cache: CalibrationCache,
+    quant: QuantConfig, keep_fp: tuple[str, ...], eight_bit: tuple[str, ...], device: torch.device, batch_size: int,
+) -> BlockResult:
+    """Block ``index`` was finished by an earlier run: load its hardened state and push the cache through it."""
+    quantize_modules(block, _shell_config(quant), keep_fp=keep_fp, eight_bit=eight_bit, prefix=name)
+    state.load_block(index, block)
+    block.to(device)
+    cache.advance(block, device, batch_size)
+    block.cpu()
+    lazy.release(block)
+    return BlockResult(**{f.name: saved.get(f.name) for f in dataclasses.fields(BlockResult)})
+
+
+def _train_block(
+    index: int, total: int, name: str, block: nn.Module, teacher: nn.Module, dm: BlockDataModule,
+    quant: QuantConfig, recon: ReconstructionConfig, make_trainer: TrainerFactory, max_steps: int,
+    device: torch.device, callbacks: Sequence[L.Callback] = (),
+) -> tuple[float, int, int]:
+    """Train the block's quantizers with a fresh trainer (plus ``callbacks``); keep the best parameters seen.
+
+    Returns ``(loss_start, steps, best_step)``: the hard (RTN-init) loss before
+    training, the iterations run and the iteration whose parameters were kept.
+    """
+    tag = f"block_{index:02d}"
+    loss_start = _hard_loss(block, dm, device)
+    _check_finite(loss_start, index, total, name, 0, recon.lr)
+    module = BlockReconstruction(
+        teacher, block, recon.lr, tag=tag, act_lr=quant.activation.lr,
+        qdrop_p=recon.effective_qdrop_p(quant.activation.bits is not None),
+    )
+    keep = KeepBestParameters(f"{tag}/val_loss", loss_start)
+    interval = math.ceil(max_steps / recon.evaluations) if recon.evaluations else None
+    trainer = make_trainer(tag, [keep, FiniteLossGuard(index, total, name, recon.lr), *callbacks], interval)
+    trainer.fit(module, datamodule=dm)
+    steps = trainer.global_step
+    block.to(device)
+    if keep.last is not None and keep.last[0] == steps:
+        last = keep.last[1]  # validated at the final step already: no extra pass
+    else:
+        last = _hard_loss(block, dm, device)
+    if not math.isfinite(last) or keep.best < last:
+        keep.restore(module)
+        best_step = keep.best_step
+    else:
+        best_step = steps
+    # the trainer, the module and the data module reference each other: free the teacher copy,
+    # gradients and optimizer states now, not whenever the cyclic GC runs (they pile up over blocks)
+    dm.trainer = None
+    del module, trainer, keep
+    gc.collect()
+    return loss_start, steps, best_step
+
+
+def _harden_and_advance(block: nn.Module, cache: CalibrationCache, device: torch.device, batch_size: int) -> float:
+    """Fix the block's integer codes once, push the cache's inputs through it; returns its final loss."""
+    set_hard(block, True)
+    harden_modules(block)
+    return _advance_and_score(cache, block, device, batch_size)
 
 
 def quantize_outside_blocks(model: nn.Module, arch: Architecture, quant: QuantConfig) -> list[str]:
