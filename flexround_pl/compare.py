@@ -166,8 +166,15 @@ def write_report(rows: list[dict], out: str, config: str, overrides: list[str]) 
     return [os.path.join(out, "compare.md"), os.path.join(out, "compare.json"), *pngs]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # the CLI's one-line error format, exit 2
+        print(f"flexround_pl: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parser(prog: str = "python -m flexround_pl compare", default_out: Optional[str] = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+    p = _Parser(prog=prog, description="Run fit for several methods and bit-widths of one config "
+                                "(finished runs reused), then write compare.md, compare.json and PNG plots.",
                                 epilog="Arguments after -- are passed to every fit run (any LightningCLI override).")
     p.add_argument("--config", required=True, help="the YAML config every run starts from")
     p.add_argument("--methods", nargs="+", default=["rtn", "adaround", "flexround"], help="quantization methods")

@@ -62,3 +62,5 @@ def test_compare_refuses_bad_methods_and_runs_made_with_other_settings(tmp_path,
     assert "holds a run made with other settings" in err and "--trainer.max_steps 2" in err
     assert main(["compare", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x")]) == 2
     assert "missing.yaml' does not exist" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["compare", "--config", cfg, "--bits", "x"]) == 2
+    assert capsys.readouterr().err.startswith("flexround_pl: error: argument --bits: invalid int value: 'x'")
