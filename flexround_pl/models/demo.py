@@ -304,7 +304,7 @@ def evaluate_accuracy(model: nn.Module, data: Any) -> float:
     was_training = model.training
     model.eval()
     metrics = data.metrics()
-    for batch in data.val_dataloader():
+    for batch in progress.track(data.val_dataloader(), "demo classifier: evaluating"):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         metrics.update(model(**inputs).logits, batch)
     model.train(was_training)

@@ -418,7 +418,7 @@ def evaluate_accuracy(model: nn.Module, data_dir: Optional[str] = None, image_si
     images, labels = load_fashion_mnist("test", data_dir or FASHION_MNIST_DIR)
     model.eval()
     correct = 0
-    for start in range(0, len(images), batch_size):
+    for start in progress.track(range(0, len(images), batch_size), "Fashion-MNIST test accuracy"):
         x = to_pixel_values(images[start : start + batch_size], image_size, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
         correct += int((model(x).argmax(-1) == labels[start : start + batch_size]).sum())
     return correct / len(images)
