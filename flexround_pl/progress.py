@@ -113,12 +113,13 @@ class Progress:
         elif self.mode == "lines" and time.perf_counter() - self._last_line >= interval():
             self._line()
 
-    def close(self) -> None:
+    def close(self, done: bool = True) -> None:
+        """End the bar; a plain last line says ``(done)``, or ``(stopped)`` when ``done`` is false."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         elif self.mode == "lines" and self.n:
-            self._line(done=True)
+            print(self.line() + (" (done)" if done else " (stopped)"), file=self.stream, flush=True)
         self.mode = "closed"
 
     def line(self) -> str:
@@ -136,8 +137,8 @@ class Progress:
         parts += [f"{k} {_number(v)}" for k, v in self.postfix.items()]
         return ", ".join(parts)
 
-    def _line(self, done: bool = False) -> None:
-        print(self.line() + (" (done)" if done else ""), file=self.stream, flush=True)
+    def _line(self) -> None:
+        print(self.line(), file=self.stream, flush=True)
         self._last_line = time.perf_counter()
 
     def __enter__(self) -> "Progress":
@@ -253,7 +254,9 @@ class BlockProgress(L.Callback):
             self.bar = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self.on_train_end(trainer, pl_module)
+        if self.bar is not None:
+            self.bar.close(done=False)
+            self.bar = None
 
 
 class EvalProgress(L.Callback):

@@ -40,6 +40,11 @@ def test_plain_lines_report_count_rate_eta_and_loss(monkeypatch):
     # 2 steps in >= 0.2 s: at most 10 steps/s; the 2 remaining steps take as long again as the first 2
     assert 0 < float(m.group(1)) <= 10.0 and abs(int(m.group(3)) - int(m.group(2))) <= 1
     assert lines[-1].endswith("(done)")
+    interrupted = progress.Progress("block 2/2 layer.1", total=4, unit="step", stream=stream)
+    interrupted.update(1)
+    interrupted.close(done=False)  # an exception ended the step: not "(done)"
+    assert stream.getvalue().splitlines()[-1].startswith("[block 2/2 layer.1] 1/4 steps (25%)")
+    assert stream.getvalue().splitlines()[-1].endswith("(stopped)")
 
 
 def test_lines_are_throttled_to_the_interval(monkeypatch):
