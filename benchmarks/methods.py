@@ -13,9 +13,32 @@ nothing and tabulates the finished runs already in ``--out``.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 
 from flexround_pl import compare
+from flexround_pl.compare import split_overrides  # noqa: F401  (benchmarks/quality.py uses it from here)
+
+
+def read_one(root: str) -> dict:
+    """The finished run in ``root`` (its ``results.json`` and ``run_dir``); exits when there is none."""
+    results = compare.read_run(root)
+    if results is None:
+        sys.exit(f"methods.py: --collect found no finished run at {os.path.join(root, 'results.json')}: "
+                 "run it first (drop --collect)")
+    return results
+
+
+def run_one(config: str, method: str, bits: int, root: str, extra: list[str]) -> dict:
+    """One ``fit`` in its own process (benchmarks/quality.py times each run apart); its results + wall seconds."""
+    cmd = [sys.executable, "-m", "flexround_pl", *compare.fit_args(config, method, bits, root, extra)]
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    results = read_one(root)
+    results["wall_seconds"] = time.perf_counter() - start
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,9 @@ Subcommands and what they leave in the run directory (``trainer.default_root_dir
   same command on the same run directory resumes after the last finished
   block (also after ``SIGKILL``); a changed configuration is refused (exit 2)
   unless ``--fresh true``, which discards the old state and outputs.
+  Every resumed block file is checked against this configuration too. One
+  ``fit`` at a time per run directory: a second one stops with the holder's PID
+  (:mod:`flexround_pl.rundir`).
   A diverging block (NaN / inf loss) stops the run with exit 1, naming the
   block, the iteration and the likely cause; finished blocks stay saved.
 * ``compare``: ``fit`` for each ``--methods`` x ``--bits`` (finished runs
@@ -28,10 +31,13 @@ Subcommands and what they leave in the run directory (``trainer.default_root_dir
   (or ``--ckpt_path FILE``) into the config's model and print FP vs quantized
   metrics on the data module's validation / test loader; the quantized metric
   is the one ``fit`` reported (same config and device).
+  ``--eval.lm_eval.tasks '[...]'`` (any subcommand) also runs lm-eval-harness
+  tasks on both models (:mod:`flexround_pl.evaluate.lm_eval`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Any, Optional
@@ -40,10 +46,10 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from flexround_pl import pipeline, progress
+from flexround_pl import pipeline, progress, rundir
 from flexround_pl.data.base import PTQDataModule
+from flexround_pl.evaluate.lm_eval import EvalConfig, LmEvalConfig, LmEvalRunner
 from flexround_pl.export.checkpoint import (
-    CHECKPOINT_NAME,
     check_compatible,
     load_quantized_model,
     read_metadata,
@@ -51,7 +57,9 @@ from flexround_pl.export.checkpoint import (
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.driver import DivergenceError
 from flexround_pl.reconstruct.resume import RunState, fingerprint
-from flexround_pl.utils import is_rank_zero
+from flexround_pl.rundir import CHECKPOINT_NAME, CONFIG_NAME
+from flexround_pl.config_files import check_config_files
+from flexround_pl.utils import DiskFullError, disk_full_errors, is_rank_zero
 
 
 SUBCOMMANDS = {
@@ -93,7 +101,8 @@ class FlexRoundCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # The CLI's own trainer only carries settings; block trainers are built per block.
-        with pipeline.quiet_lightning():
+        accelerator = self.config[self.subcommand]["trainer"].get("accelerator")
+        with pipeline.quiet_lightning(), pipeline.accelerator_errors(accelerator):
             return super().instantiate_trainer(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -107,9 +116,19 @@ class FlexRoundCLI(LightningCLI):
             "--export", type=bool, default=True,
             help="fit: also write <run dir>/export/, the dequantized model loadable without flexround_pl",
         )
+        parser.add_argument(
+            "--eval", type=EvalConfig, default=EvalConfig(),
+            help="evaluations beyond the data's metrics, on the FP and the quantized model "
+            "(eval.lm_eval.tasks: lm-eval-harness tasks, results in results.json under lm_eval)",
+        )
 
     def _trainer_settings(self) -> dict[str, Any]:
         return self.config[self.subcommand]["trainer"].as_dict()
+
+    def _lm_eval(self) -> LmEvalRunner:
+        section = self.config[self.subcommand].get("eval")
+        lm_eval = section.get("lm_eval") if section is not None else None
+        return LmEvalRunner(LmEvalConfig(**lm_eval.as_dict()) if lm_eval is not None else LmEvalConfig())
 
     def fit(self, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str] = None, **_: Any) -> None:
         config = self.config[self.subcommand]
@@ -119,20 +138,26 @@ class FlexRoundCLI(LightningCLI):
                 "automatically (--ckpt_path is for validate / test)"
             )
         settings = pipeline.TrainerSettings(self._trainer_settings())
-        pipeline.preflight(model, datamodule, settings)  # writes nothing
-        fp = fingerprint(config.as_dict())
-        state = RunState.open(settings.root, fp, fresh=bool(config.get("fresh")))  # refuses another config
-        os.makedirs(settings.root, exist_ok=True)
-        saved = config.clone()
-        saved.fresh = False  # config.yaml re-runs (resumes) this run; it does not wipe it again
-        if is_rank_zero():
-            self._parser(self.subcommand).save(saved, os.path.join(settings.root, "config.yaml"), overwrite=True)
-        state.begin()
-        if state.resuming:
-            print(f"flexround_pl: resuming {settings.root}: {len(state.blocks)} block(s) already finished")
-        self.results = pipeline.run(
-            model, datamodule, settings, state=state, export=bool(config.get("export", True)), config=fp
-        )
+        lm_eval = self._lm_eval()
+        pipeline.preflight(model, datamodule, settings, lm_eval)  # writes nothing
+        config_fingerprint = fingerprint(config.as_dict())
+        # one fit per run directory, from reading its resume state to the last output (rank 0 holds it)
+        with rundir.locked(settings.root) if is_rank_zero() else contextlib.nullcontext(), \
+                disk_full_errors(settings.root):
+            state = RunState.open(settings.root, config_fingerprint, fresh=bool(config.get("fresh")))  # refuses another config
+            if is_rank_zero():
+                rundir.remove_temp_files(settings.root)  # left by killed writes; the lock says none is live
+            saved = config.clone()
+            saved.fresh = False  # config.yaml re-runs (resumes) this run; it does not wipe it again
+            if is_rank_zero():
+                self._parser(self.subcommand).save(saved, os.path.join(settings.root, CONFIG_NAME), overwrite=True)
+            state.begin()
+            if state.resuming:
+                print(f"flexround_pl: resuming {settings.root}: {len(state.blocks)} block(s) already finished")
+            self.results = pipeline.run(
+                model, datamodule, settings, state=state, export=bool(config.get("export", True)),
+                config=config_fingerprint, lm_eval=lm_eval,
+            )
 
     def validate(self, model: PTQModel, datamodule: PTQDataModule, ckpt_path: Optional[str] = None, **_: Any) -> None:
         self.results = self._evaluate_checkpoint("validate", model, datamodule, ckpt_path)
@@ -151,24 +176,33 @@ class FlexRoundCLI(LightningCLI):
                 f"no quantized checkpoint at {path}: run fit with this config first, or pass --ckpt_path FILE"
             )
         # every weight comes from the checkpoint; the config's source gives the skeleton and tokenizer
-        fp = fingerprint(self.config[self.subcommand].as_dict())
-        compare = {k: v for k, v in fp.items() if k.startswith("model.quant")}
+        config_fingerprint = fingerprint(self.config[self.subcommand].as_dict())
+        compare = {k: v for k, v in config_fingerprint.items() if k.startswith("model.quant")}
         saved = read_metadata(path)
         check_compatible(saved, compare, path)  # before loading anything
         if saved.get("model") not in (None, model.source.describe()):
             print(f"note: {path} was made from {saved['model']}; the config's model is {model.source.describe()}")
         model.source.check()
-        settings.eval_trainer()
+        device = settings.eval_trainer().strategy.root_device
         pipeline.prepare(model, datamodule)
+        lm_eval = self._lm_eval()
+        lm_eval.check(model.net, lazy=bool(getattr(model.source, "lazy", False)))
         fp_metrics: dict[str, float] = {}
         if model.evaluate_fp:
             fp_metrics = pipeline.evaluate(model, datamodule, settings, stage, reference=True)
+            if lm_eval.enabled:
+                lm_eval.score("fp", model.net, model.source.load_tokenizer(), device)
         meta = load_quantized_model(model, path, compare)
         q_metrics = pipeline.evaluate(model, datamodule, settings, stage)
+        if lm_eval.enabled:
+            lm_eval.score("quantized", model.net, model.source.load_tokenizer(), device)
         if fp_metrics:
             print(f"FP {stage} metrics: {pipeline._fmt(fp_metrics)}")
         print(f"quantized {stage} metrics: {pipeline._fmt(q_metrics)}  ({path})")
-        return {"checkpoint": path, "fp": fp_metrics, "quantized": q_metrics, "metadata": meta}
+        results = {"checkpoint": path, "fp": fp_metrics, "quantized": q_metrics, "metadata": meta}
+        if lm_eval.enabled:
+            results["lm_eval"] = lm_eval.report()
+        return results
 
 
 def main(args: Optional[list[str]] = None) -> int:
@@ -178,6 +212,7 @@ def main(args: Optional[list[str]] = None) -> int:
 
         return compare(argv[1:])
     try:
+        check_config_files(sys.argv[1:] if args is None else args)
         FlexRoundCLI(args=args)
     except ArgumentError as err:
         print(f"flexround_pl: error: {_one_line(err)}", file=sys.stderr)
@@ -185,9 +220,13 @@ def main(args: Optional[list[str]] = None) -> int:
     except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         print(f"flexround_pl: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except DivergenceError as err:
+    except (DivergenceError, DiskFullError) as err:
         print(f"flexround_pl: error: {_one_line(err)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("flexround_pl: interrupted: the finished blocks are saved in the run directory (resume/); "
+              "re-run the same command to resume", file=sys.stderr)
+        return 130
     finally:
         progress.stop_all()  # a step's heartbeat thread left running by an error
     return 0

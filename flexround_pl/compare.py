@@ -84,6 +84,14 @@ def read_run(root: str) -> Optional[dict]:
     return results
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(own arguments, fit overrides)``: the overrides are everything after ``--``."""
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
 def fit_args(config: str, method: str, bits: int, root: str, overrides: list[str]) -> list[str]:
     return ["fit", "--config", config, "--model.quant.method", method, "--model.quant.weight.bits", str(bits),
             "--trainer.default_root_dir", root, *overrides]
@@ -187,11 +195,7 @@ def parser(prog: str = "python -m flexround_pl compare", default_out: Optional[s
 
 def main(argv: Optional[list[str]] = None, prog: str = "python -m flexround_pl compare",
          default_out: Optional[str] = None) -> int:
-    argv = list(sys.argv[2:] if argv is None else argv)
-    overrides: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, overrides = argv[:i], argv[i + 1:]
+    argv, overrides = split_overrides(list(sys.argv[2:] if argv is None else argv))
     try:
         args = parser(prog, default_out).parse_args(argv)
     except SystemExit as e:  # argparse already printed usage / help

@@ -24,27 +24,28 @@ from typing import Any, Callable, Iterator, Optional
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from flexround_pl import progress, report
 from flexround_pl.data.base import PTQDataModule
+from flexround_pl.evaluate.lm_eval import LmEvalRunner
 from flexround_pl.export.checkpoint import (
-    CHECKPOINT_NAME,
     quantized_weight_nbytes,
     save_quantized,
     state_dict_nbytes,
 )
-from flexround_pl.export.fake_quant import EXPORT_DIR, export_fake_quant
+from flexround_pl.export.fake_quant import export_fake_quant
 from flexround_pl.models import lazy
+from flexround_pl.models.moe import expert_tokens
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.driver import BlockResult, quantize_blocks, quantize_outside_blocks
 from flexround_pl.reconstruct.module import calibrate_model_activations
 from flexround_pl.progress import peak_rss_mb
-from flexround_pl.utils import is_rank_zero, write_json_atomic
-
-RESULTS_NAME = "results.json"
+from flexround_pl.rundir import CACHE_DIR, CHECKPOINT_NAME, EXPORT_DIR, RESULTS_NAME, TENSORBOARD_DIR
+from flexround_pl.utils import check_writable_dir, is_rank_zero, write_json_atomic
 
 # Trainer arguments the driver owns for every per-block trainer.
 _BLOCK_TRAINER_FIXED = dict(
@@ -97,7 +98,7 @@ class TrainerSettings:
             if isinstance(logger, dict):
                 self._logger = instantiate_class((), logger)
             else:
-                self._logger = TensorBoardLogger(self.root, name="tensorboard", version="")
+                self._logger = TensorBoardLogger(self.root, name=TENSORBOARD_DIR, version="")
         return self._logger
 
     def _callbacks(self) -> list[L.Callback]:
@@ -218,29 +219,68 @@ def check_quantizable(net: torch.nn.Module, arch: Any, quant: Any) -> list[str]:
     return names
 
 
-def preflight(model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings) -> None:
+def check_trainer(settings: TrainerSettings) -> None:
+    """Build the eval trainer once (device / precision errors up front); refuse settings that measure nothing."""
+    with accelerator_errors(settings.settings.get("accelerator")):
+        trainer = settings.eval_trainer()
+    limit = settings.settings.get("limit_val_batches")
+    if limit is not None and float(limit) == 0:
+        raise ValueError(
+            "trainer.limit_val_batches 0 evaluates nothing: the FP and quantized metrics would be empty; "
+            "use a positive number of batches, a fraction such as 0.25, or remove it (all batches)"
+        )
+    precision = str(settings.settings.get("precision") or "")
+    if precision.startswith("16") and trainer.strategy.root_device.type == "cpu":
+        # CPU float16 autocast: slow, few kernels, and fp16 overflows are what DivergenceError reports
+        raise ValueError(
+            f"trainer.precision {precision} on CPU: float16 is a GPU format; use --trainer.precision bf16-mixed "
+            "(or 32-true) on CPU"
+        )
+
+
+@contextmanager
+def accelerator_errors(accelerator: Any) -> Iterator[None]:
+    """A missing accelerator, or its package, while building a trainer: one ``ValueError`` with the fix."""
+    try:
+        yield
+    except ModuleNotFoundError as e:  # Lightning's accelerators import their backend (tpu: torch_xla)
+        raise ValueError(
+            f"trainer.accelerator {accelerator!r} needs a package that is not installed ({e}); "
+            "install it, or use --trainer.accelerator cpu (or auto)"
+        ) from None
+    except MisconfigurationException as e:
+        if "backend found" not in str(e) and "not available" not in str(e):
+            raise
+        raise ValueError(
+            f"trainer.accelerator {accelerator!r} is not available on this machine ({' '.join(str(e).split())}); "
+            "use --trainer.accelerator cpu, or auto to take whatever is there"
+        ) from None
+
+
+def preflight(
+    model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, lm_eval: Optional[LmEvalRunner] = None
+) -> None:
     """Check the inputs of a run up front (``ValueError`` with one clear message); writes nothing.
 
     Loads the FP model and the data (kept for :func:`run`), builds the eval
     trainer (device / precision errors), checks every quantizable layer's
-    shape and fetches one calibration batch.
+    shape and fetches one calibration batch; resolves the lm-eval tasks.
     """
-    root = settings.root
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise ValueError(f"trainer.default_root_dir {root!r} is a file, not a directory")
-    parent = root
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"trainer.default_root_dir {root!r} cannot be written (no permission on {parent!r})")
+    check_writable_dir(settings.root, "trainer.default_root_dir")
+    recon = model.reconstruction
+    if recon.cache != "memory" and recon.cache_dir:
+        check_writable_dir(recon.cache_dir, "model.reconstruction.cache_dir")
     model.source.check()
-    settings.eval_trainer()
+    check_trainer(settings)
     prepare(model, datamodule)
     assert model.net is not None and model.arch is not None
+    datamodule.check_model(model.net)
     check_quantizable(model.net, model.arch, model.quant)
     if next(iter(datamodule.calibration_dataloader()), None) is None:
         raise ValueError("the calibration data is empty: set a positive number of calibration samples")
     datamodule.val_dataloader()
+    if lm_eval is not None:
+        lm_eval.check(model.net, lazy=bool(getattr(model.source, "lazy", False)))
 
 
 def run(
@@ -251,12 +291,14 @@ def run(
     state: Optional[Any] = None,
     export: bool = True,
     config: Optional[dict[str, Any]] = None,
+    lm_eval: Optional[LmEvalRunner] = None,
 ) -> dict[str, Any]:
     """Quantize ``model`` on ``datamodule``'s calibration data; write and return the results.
 
     ``state``: a :class:`~flexround_pl.reconstruct.resume.RunState` (resume /
     save finished blocks); ``export``: also write the plain-FP export;
-    ``config``: the run's configuration fingerprint, stored in the checkpoint.
+    ``config``: the run's configuration fingerprint, stored in the checkpoint;
+    ``lm_eval``: lm-eval tasks run on the FP and the quantized model.
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
     if not is_rank_zero():  # DDP: every rank runs the same driver; only rank 0 reports (and writes)
@@ -277,6 +319,8 @@ def run(
     if model.evaluate_fp:
         fp_metrics = evaluate(model, datamodule, settings, reference=True)
         log(f"FP metrics: {_fmt(fp_metrics)}")
+    if model.evaluate_fp:
+        _score_lm_eval(lm_eval, "fp", model, settings, log)
     fp_texts = _generations(model, datamodule, log)  # causal LMs: greedy text before quantizing, for the report
     phases.lap("fp_eval")
 
@@ -285,6 +329,7 @@ def run(
 
     q_metrics = evaluate(model, datamodule, settings)
     log(f"quantized metrics: {_fmt(q_metrics)}" + (f"  (FP {_fmt(fp_metrics)})" if fp_metrics else ""))
+    _score_lm_eval(lm_eval, "quantized", model, settings, log)
     q_texts = _generations(model, datamodule, log) if fp_texts else None
     phases.lap("quantized_eval")
 
@@ -299,6 +344,7 @@ def run(
         "quantized": q_metrics,
         "blocks": [asdict(b) for b in quantized.blocks],
         "outside_blocks_rtn": quantized.outside_blocks_rtn,
+        **({"expert_tokens": quantized.expert_tokens} if quantized.expert_tokens else {}),
         "size_mb": {"quantized": ckpt_nbytes / 2**20, "fp": fp_nbytes / 2**20},
         "quantized_weights_mb": dict(zip(("packed", "fp"), (n / 2**20 for n in quantized_weight_nbytes(model.net)))),
         "resumed_blocks": quantized.resumed_blocks,
@@ -307,6 +353,8 @@ def run(
         "phases": phases.laps,  # {"fp_eval" | "quantize" | "quantized_eval": {"seconds", "cpu_seconds"}}
         "peak_rss_mb": peak_rss_mb(),
     }
+    if lm_eval is not None and lm_eval.enabled:
+        results["lm_eval"] = lm_eval.report()
     if fp_texts and q_texts:
         results["generations"] = report.pair_samples(fp_texts, q_texts)
     log(report.summary(results))
@@ -315,6 +363,14 @@ def run(
         write_json_atomic(path, results)
     log(f"results written to {path}")
     return results
+
+
+def _score_lm_eval(
+    lm_eval: Optional[LmEvalRunner], which: str, model: PTQModel, settings: TrainerSettings, log: Callable[[str], None]
+) -> None:
+    """The lm-eval tasks on the network as it is now: ``"fp"`` before quantization, ``"quantized"`` after."""
+    if lm_eval is not None and lm_eval.enabled:
+        lm_eval.score(which, model.net, model.source.load_tokenizer(), settings.eval_trainer().strategy.root_device, log)
 
 
 def _run_summary(model: PTQModel, settings: TrainerSettings) -> dict[str, Any]:
@@ -348,19 +404,21 @@ class _Quantized:
     outside_blocks_rtn: list[str]
     calibration_samples: int
     resumed_blocks: int
+    expert_tokens: dict[str, list[int]]  # MoE: calibration tokens each expert saw (empty for dense models)
 
 
 def _quantize(
     model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, log: Callable[[str], None],
     state: Optional[Any],
 ) -> _Quantized:
-    """Capture the calibration inputs of block 0, reconstruct every block, RTN the rest, calibrate activations."""
+    """Capture every block's calibration call, reconstruct every block, RTN the rest, calibrate activations."""
     assert model.net is not None and model.arch is not None
     quant, recon = model.quant, model.reconstruction
     device = settings.eval_trainer().strategy.root_device
     blocks = model.arch.blocks(model.net)
     cache = CalibrationCache.capture(
-        lambda inputs: model(inputs), blocks[0][1], progress.track(datamodule.calibration_dataloader(), "calibration capture"),
+        lambda inputs: model(inputs), [b for _, b in blocks],
+        progress.track(datamodule.calibration_dataloader(), "calibration capture"),
         cache=recon.cache, cache_dir=_cache_dir(recon.cache_dir, settings.root),
     )
     where = f"on disk ({cache.storage.directory})" if cache.storage.on_disk else "in memory"
@@ -375,12 +433,15 @@ def _quantize(
     outside = quantize_outside_blocks(model.net, model.arch, quant)
     if outside:
         log(f"round-to-nearest outside blocks: {', '.join(outside)}")
+    routed = expert_tokens(model.net)  # MoE: calibration tokens each expert saw (empty for dense models)
+    for name, counts in routed.items():
+        log(f"{name}: calibration tokens per expert {counts}")
     calibrate_model_activations(
         model.net, model, datamodule.calibration_dataloader, quant.activation.init_samples
     )  # activation quantizers outside blocks (e.g. a CNN's last layer input)
     n_calibration = len(cache)
     del cache
-    return _Quantized(block_results, outside, n_calibration, resumed)
+    return _Quantized(block_results, outside, n_calibration, resumed, routed)
 
 
 def _write_checkpoint(
@@ -409,7 +470,7 @@ def _write_export(model: PTQModel, settings: TrainerSettings, summary: dict[str,
 
 def _cache_dir(configured: Optional[str], root: str) -> str:
     """The disk cache directory: ``reconstruction.cache_dir`` or ``<run dir>/cache`` (file names are unique per process)."""
-    return os.path.abspath(os.path.expanduser(configured)) if configured else os.path.join(root, "cache")
+    return os.path.abspath(os.path.expanduser(configured)) if configured else os.path.join(root, CACHE_DIR)
 
 
 def _generations(model: PTQModel, datamodule: PTQDataModule, log: Callable[[str], None]) -> Optional[list[str]]:

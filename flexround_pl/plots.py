@@ -18,7 +18,8 @@ import math
 import os
 from collections import defaultdict
 
-COLORS = {"rtn": "tab:gray", "adaround": "tab:orange", "flexround": "tab:blue", "nupes": "tab:green"}
+COLORS = {"rtn": "tab:gray", "adaround": "tab:orange", "flexround": "tab:blue", "nupes": "tab:green",
+          "gptq": "tab:red", "lrq": "tab:purple", "autoround": "tab:brown"}
 
 
 def _model_name(row: dict) -> str:

@@ -75,8 +75,11 @@ class PTQModel(L.LightningModule):
     # -- evaluation ------------------------------------------------------------
 
     def _eval_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits = self({k: v for k, v in batch.items() if k != "labels"})
-        self.task_metrics.update(logits.float(), batch)
+        logits = self({k: v for k, v in batch.items() if k not in ("labels", "references")})
+        if self.task_metrics.generates:  # e.g. BLEU: decodes with the network itself
+            self.task_metrics.update_generation(self.net, batch)
+        else:
+            self.task_metrics.update(logits.float(), batch)
         for measure in self.fidelity:
             measure.update(batch_idx, logits, batch)
 

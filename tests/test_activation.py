@@ -125,14 +125,24 @@ def test_calibration_over_several_batches_uses_all_of_them():
 
 
 def test_lsq_runs_in_fp32_under_autocast():
+    """Under bf16 autocast the quantizer must divide, round and clamp in fp32: the output equals the
+    plain fp32 formula written here, and differs from the same formula evaluated in bf16."""
     torch.manual_seed(0)
-    x = torch.randn(8, 32)
+    x = torch.randn(64, 32)
     q = _calibrated(x, bits=8)
     xb = x.bfloat16()
+    s, z, qmin, qmax = (float(v) for v in _stats(q))
+
+    def plain(values: torch.Tensor, step, zero) -> torch.Tensor:  # s * (clamp(round(x / s) + z) - z)
+        return step * (torch.clamp(torch.round(values / step) + zero, qmin, qmax) - zero)
+
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = q(xb)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, q.fake_quant(xb).to(torch.bfloat16), rtol=0, atol=0)
+    expected = plain(xb.float(), torch.tensor(s), torch.tensor(z)).to(torch.bfloat16)
+    assert torch.equal(out, expected)
+    in_bf16 = plain(xb, torch.tensor(s, dtype=torch.bfloat16), torch.tensor(z, dtype=torch.bfloat16))
+    assert not torch.equal(out, in_bf16)  # the check can tell fp32 from bf16 arithmetic
     out.float().sum().backward()
     assert q.scale.dtype == torch.float32 and q.scale.grad.dtype == torch.float32
 

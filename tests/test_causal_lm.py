@@ -1,4 +1,4 @@
-"""Causal-LM adapters (GPT-2, OPT, GPT-Neo, LLaMA family), the cache on them, the CLI end to end, GGUF."""
+"""Causal-LM adapters (GPT-2, OPT, GPT-Neo, generic: LLaMA family), the cache on them, the CLI end to end, GGUF."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache
 from transformers.pytorch_utils import Conv1D
 
 # Registers the adapters (until flexround_pl.models.__init__ imports them).
-from flexround_pl.models import find_architecture, gguf, gpt2, gpt_neo, llama, opt  # noqa: F401
+from flexround_pl.models import find_architecture, gguf, gpt2, gpt_neo, opt  # noqa: F401
 from flexround_pl.reconstruct.cache import CalibrationCache, block_output
 
 from test_lm_data import make_text, tiny_tokenizer  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -43,14 +43,14 @@ CONFIGS = {
         "gpt_neo",
     ),
     "llama": (lambda: transformers.LlamaConfig(max_position_embeddings=64, **SMALL), "llama"),
-    "mistral": (lambda: transformers.MistralConfig(max_position_embeddings=64, **SMALL), "llama"),
-    "qwen2": (lambda: transformers.Qwen2Config(max_position_embeddings=64, **SMALL), "llama"),
-    "qwen3": (lambda: transformers.Qwen3Config(max_position_embeddings=64, head_dim=8, **SMALL), "llama"),
-    "phi3": (lambda: transformers.Phi3Config(max_position_embeddings=64, pad_token_id=0, **SMALL), "llama"),
-    "gemma": (lambda: transformers.GemmaConfig(max_position_embeddings=64, head_dim=8, **SMALL), "llama"),
-    "olmo2": (lambda: transformers.Olmo2Config(max_position_embeddings=64, pad_token_id=0, **SMALL), "llama"),
-    "granite": (lambda: transformers.GraniteConfig(max_position_embeddings=64, **SMALL), "llama"),
-    "smollm3": (lambda: transformers.SmolLM3Config(max_position_embeddings=64, pad_token_id=0, **SMALL), "llama"),
+    "mistral": (lambda: transformers.MistralConfig(max_position_embeddings=64, **SMALL), "mistral"),
+    "qwen2": (lambda: transformers.Qwen2Config(max_position_embeddings=64, **SMALL), "qwen2"),
+    "qwen3": (lambda: transformers.Qwen3Config(max_position_embeddings=64, head_dim=8, **SMALL), "qwen3"),
+    "phi3": (lambda: transformers.Phi3Config(max_position_embeddings=64, pad_token_id=0, **SMALL), "phi3"),
+    "gemma": (lambda: transformers.GemmaConfig(max_position_embeddings=64, head_dim=8, **SMALL), "gemma"),
+    "olmo2": (lambda: transformers.Olmo2Config(max_position_embeddings=64, pad_token_id=0, **SMALL), "olmo2"),
+    "granite": (lambda: transformers.GraniteConfig(max_position_embeddings=64, **SMALL), "granite"),
+    "smollm3": (lambda: transformers.SmolLM3Config(max_position_embeddings=64, pad_token_id=0, **SMALL), "smollm3"),
 }
 #: Linear / Conv1D layers per block: all of them must be quantized and trained
 LAYERS_PER_BLOCK = {"gpt2": 4, "opt": 6, "gpt_neo": 6, "llama": 7}
@@ -130,17 +130,6 @@ def test_unpadded_calibration_caches_no_per_sample_mask(name):
     assert all(e.dim() <= 2 for e in cache.extras), [tuple(e.shape) for e in cache.extras]
 
 
-def test_mixed_attention_layer_types_are_rejected():
-    config = transformers.Qwen2Config(
-        max_position_embeddings=64, use_sliding_window=True, sliding_window=4, max_window_layers=1, **SMALL
-    )
-    config.vocab_size = VOCAB
-    model = transformers.Qwen2ForCausalLM(config)
-    assert len(set(model.config.layer_types)) == 2
-    with pytest.raises(ValueError, match="mixes attention types"):
-        find_architecture(model).prepare(model)
-
-
 def test_prepare_turns_the_kv_cache_off():
     model = tiny_causal_lm("llama")
     model.config.use_cache = True
@@ -212,7 +201,9 @@ def test_fit_end_to_end_on_a_tiny_causal_lm(tmp_path, name):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["architecture"] == name and results["calibration_samples"] == 8
     fp, q = results["fp"]["perplexity"], results["quantized"]["perplexity"]
-    assert 1.0 < fp < 10 * VOCAB and 1.0 < q < 10 * VOCAB  # random init: about the vocabulary size
+    # A random-init LM predicts nearly uniformly over the vocabulary, and a uniform predictor's perplexity
+    # is exactly the vocabulary size: an analytic reference (a log base or token count error misses it).
+    assert fp == pytest.approx(VOCAB, rel=0.05) and q == pytest.approx(fp, rel=0.05), (fp, q)
     assert 0.0 < results["quantized"]["fp_agreement"] <= 1.0  # next-token argmax vs FP
     assert "fp_kl" not in results["quantized"]  # classifiers only
     assert results["outside_blocks_rtn"] == []  # embeddings, project_in/out, lm_head stay FP

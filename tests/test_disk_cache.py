@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flexround_pl.cli import main
-from flexround_pl.reconstruct.cache import AUTO_DISK_FRACTION, CacheStorage, CalibrationCache
+from flexround_pl.reconstruct.cache import AUTO_DISK_FRACTION, CacheStorage, CalibrationCache, _BatchRecord
 
 from test_cli_bert import write_config
 
@@ -51,7 +51,7 @@ def test_cache_storage_round_trip_and_auto_choice(tmp_path):
     torch.manual_seed(0)
     h = [torch.randn(3, 4, 5), torch.randn(2, 4, 5)]
     mask = torch.ones(5, 4, dtype=torch.long)
-    records = [((x,), {"attention_mask": m}) for x, m in zip(h, (mask[:3], mask[3:]))]
+    records = [_BatchRecord.build([((x,), {"attention_mask": m})]) for x, m in zip(h, (mask[:3], mask[3:]))]
     mem = CalibrationCache._from_records(records, [None, None], "memory")
     disk = CalibrationCache._from_records(records, [None, None], "disk", str(tmp_path))
     assert not mem.storage.on_disk and disk.storage.on_disk

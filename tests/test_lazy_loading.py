@@ -194,9 +194,23 @@ def test_lazy_fit_resumes_after_the_last_saved_block(runs):
 # ---------------------------------------------------------------------- bad inputs
 
 
-def _bloom_dir(path: str) -> str:
-    """A causal LM family without an architecture adapter."""
-    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=2)
+def _fused_moe_dir(path: str) -> str:
+    """A causal LM no adapter can serve: GPT-OSS's experts are fused 3-D tensors models/moe.py cannot split."""
+    config = transformers.GptOssConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2, head_dim=8,
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _mixtral_dir(path: str) -> str:
+    """Mixtral's experts are split into Linear layers after loading, which a lazy model cannot do."""
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2,
+    )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
@@ -214,9 +228,10 @@ def _no_safetensors_dir(path: str) -> str:
     "make, message",
     [
         (_no_safetensors_dir, "lazy: true needs the model as \\*.safetensors files"),
-        (_bloom_dir, "lazy: true loads the model block by block, but its blocks cannot be found: no architecture adapter"),
+        (_fused_moe_dir, "GptOssForCausalLM: the experts of model.layers.0.mlp.experts .* are fused 3-D tensors"),
+        (_mixtral_dir, "mixture-of-experts layers are unfused into Linear layers after loading, .* set lazy: false"),
     ],
-    ids=["no_safetensors", "no_adapter"],
+    ids=["no_safetensors", "no_adapter", "lazy_moe"],
 )
 def test_bad_lazy_inputs_fail_in_one_line_and_write_nothing(tmp_path, capfd, make, message):
     model_dir = make(str(tmp_path / "model"))

@@ -285,8 +285,13 @@ def test_data_driven_training_beats_the_data_free_grid_on_a_layer():
         assert layer.quantizer.exponent().item() != a0  # the exponent is learned
 
 
-def test_value_helpers_are_inverse():
-    x = torch.randn(100)
+def test_power_and_inverse_power_on_hand_computed_values():
+    """``sign(x)|x|^a`` and its inverse ``sign(u)|u|^(1/a)``: sign kept, zero fixed, the exponent's direction."""
+    x = torch.tensor([-8.0, -1.0, 0.0, 0.25, 27.0])
+    torch.testing.assert_close(power(x, 1 / 3), torch.tensor([-2.0, -1.0, 0.0, 0.25 ** (1 / 3), 3.0]))
+    torch.testing.assert_close(inverse_power(torch.tensor([-2.0, 0.0, 0.5, 3.0]), 0.5),
+                               torch.tensor([-4.0, 0.0, 0.25, 9.0]))
+    assert torch.equal(power(x, 1.0), x) and torch.equal(inverse_power(x, 1.0), x)
     torch.testing.assert_close(inverse_power(power(x, 0.37), 0.37), x)
 
 
@@ -305,6 +310,7 @@ def test_config_validation():
 def test_cli_nupes(tmp_path, tiny_bert_dir, mode, rounding):
     import json
 
+    from conftest import hf_classifier_metrics
     from test_cli_bert import write_config
 
     from flexround_pl.cli import main
@@ -313,7 +319,9 @@ def test_cli_nupes(tmp_path, tiny_bert_dir, mode, rounding):
     assert main(["fit", "--config", cfg, "--model.quant.method", "nupes"]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["method"] == "nupes" and results["w_bits"] == 3 and results["a_bits"] is None
-    assert 0.0 <= results["quantized"]["accuracy"] <= 1.0
+    ref = hf_classifier_metrics((tiny_bert_dir, str(tmp_path / "run" / "export")), str(tmp_path / "eval.csv"), 16)
+    assert results["quantized"]["accuracy"] == pytest.approx(ref["accuracy"], abs=1.01 / ref["n"])
+    assert results["quantized"]["fp_agreement"] == pytest.approx(ref["fp_agreement"], abs=1.01 / ref["n"])
     for block in results["blocks"]:
         assert block["quantized_layers"] == 6
         if mode == "data_free":  # the searched grid, nothing trained

@@ -157,7 +157,10 @@ def test_cli_flexround_with_8bit_activations_and_qdrop(tmp_path, tiny_bert_dir):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["method"] == "flexround" and results["w_bits"] == 3
     assert results["a_bits"] == 8 and results["qdrop_p"] == 0.5
-    assert 0.0 <= results["quantized"]["accuracy"] <= 1.0
+    # W3A8 barely moves a tiny random BERT's logits (fp_kl ~1e-10): broken activation quantization
+    # (a wrong step size, an unclamped range) would flip predictions
+    assert results["quantized"]["fp_agreement"] >= 0.95
+    assert abs(results["quantized"]["accuracy"] - results["fp"]["accuracy"]) <= 0.05
     for block in results["blocks"]:
         assert block["quantized_layers"] == 6 and block["steps"] == 30
         assert block["loss_end"] < block["loss_start"], block

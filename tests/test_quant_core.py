@@ -243,12 +243,6 @@ def test_adaround_regularizer_schedule():
     assert q.regularization(0.9).item() == 0
 
 
-def test_regularization_is_zero_for_rtn_and_flexround():
-    w = _weight((4, 8))
-    for q in (RoundToNearest(w, GridConfig()), FlexRoundQuantizer(w, GridConfig(), FlexRoundConfig(), False)):
-        assert q.regularization(0.5).item() == 0
-
-
 def test_learn_s1_false_freezes_the_grid():
     w = _weight((4, 8))
     q = FlexRoundQuantizer(w, GridConfig(), FlexRoundConfig(learn_s1=False), False)

@@ -22,7 +22,7 @@ from flexround_pl.quant import (
     total_regularization,
 )
 
-METHODS = ["rtn", "flexround", "adaround"]
+METHODS = ["rtn", "flexround", "adaround", "lrq"]
 
 
 def _cfg(method="flexround", **grid):
@@ -46,24 +46,47 @@ def _cases():
 WRAPPER = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, Conv1D: QuantConv1D}
 
 
-def _rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
+def _plain_rtn(w_grid: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Independent reference: symmetric round-to-nearest, ``s * clamp(round(W / s), -2^(b-1), 2^(b-1) - 1)``.
+
+    ``w_grid`` in the grid layout (output channels first); per-channel ``scale`` broadcasts as
+    ``[out, 1, ...]``, per-group ``scale`` ``[out, n_groups, 1]`` against ``w_grid`` viewed as groups.
+    """
+    view = w_grid.reshape(*scale.shape[:-1], -1) if scale.dim() == 3 and w_grid.dim() == 2 else w_grid
+    codes = torch.round(view / scale).clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return (scale * codes).reshape(w_grid.shape)
+
+
+def _with_weight(fp: nn.Module, weight_fp_layout: torch.Tensor) -> nn.Module:
+    import copy
+
+    ref = copy.deepcopy(fp)
+    with torch.no_grad():
+        ref.weight.copy_(weight_fp_layout)
+    return ref
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", list(_cases()))
-def test_8bit_wrappers_preserve_the_fp_output(case, method):
+def test_8bit_wrappers_at_init_compute_the_plain_rtn_layer(case, method):
+    """At initialization every method's hard weight is round-to-nearest on its grid (FlexRound: S2 = 1,
+    AdaRound: h(V) = the fractional part), so the wrapper's output must equal the FP layer with the
+    plain-RTN weight written here, to float tolerance: a wrong rounding rule or clamp fails this."""
     fp, x = _cases()[case]
-    with torch.no_grad():
-        ref = fp(x)
     q = WRAPPER[type(fp)].from_float(fp, _cfg(method, bits=8, granularity="channel"))
     assert q.weight.shape == fp.weight.shape and not q.weight.requires_grad
-    out = q(x)
-    assert out.shape == ref.shape
-    assert _rel_err(out, ref) < 1e-2
+    w_grid = fp.weight.detach().t() if q.transposed else fp.weight.detach()
+    expected_w = _plain_rtn(w_grid, q.quantizer.scale().detach(), 8)
+    reference = _with_weight(fp, expected_w.t() if q.transposed else expected_w)
+    with torch.no_grad():
+        expected = reference(x)
+        set_hard(q, True)
+        torch.testing.assert_close(q(x), expected, rtol=1e-5, atol=1e-6)
     q.harden()
-    assert q.dequantize().shape == fp.weight.shape
-    assert _rel_err(q(x), ref) < 1e-2
+    torch.testing.assert_close(q.dequantize(), reference.weight.detach(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(q(x), expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # and 8 bits are close to FP: within half a step per weight
+        assert (q.dequantize() - fp.weight).abs().max() <= q.scale.max() / 2 + 1e-7
 
 
 def test_conv1d_is_quantized_per_output_feature():
@@ -97,13 +120,18 @@ def test_flexround_harden_is_exact(case, granularity):
     assert all(not p.requires_grad for p in q.parameters())
 
 
-def test_symmetric_codes_are_int8_and_dequantize_matches():
+def test_symmetric_group_codes_are_int8_and_equal_plain_rtn():
     fp, x = _cases()["linear"]
     q = QuantLinear.from_float(fp, _cfg("rtn", bits=8, granularity="group", group_size=8))
+    scale = q.quantizer.scale().detach().clone()
     q.harden()
-    assert q.codes.dtype == torch.int8 and q.scale.shape == (8, 2, 1)
-    assert q.grid_cfg.bits == 8
-    torch.testing.assert_close(q.dequantize(), q.weight)
+    assert q.codes.dtype == torch.int8 and q.scale.shape == (8, 2, 1) and q.grid_cfg.bits == 8
+    groups = fp.weight.detach().reshape(8, 2, 8)  # [out, groups, group_size]
+    expected_codes = torch.round(groups / scale).clamp(-128, 127).to(torch.int8).reshape(8, 16)
+    assert torch.equal(q.codes, expected_codes)
+    torch.testing.assert_close(q.dequantize(), (scale * expected_codes.reshape(8, 2, 8).float()).reshape(8, 16),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(q(x), x @ q.dequantize().t() + fp.bias.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_hardened_state_dict_loads_into_a_fresh_wrapper():

@@ -205,3 +205,196 @@ def test_fingerprint_ignores_display_settings_only():
         node[path[-1]] = value
         assert fingerprint(changed) != fp, path
         assert ".".join(path) in describe_changes(fp, fingerprint(changed))
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """The ``flexround_pl: error:`` lines of ``stderr``: exactly one, the last line, no traceback."""
+    errors = [line for line in stderr.splitlines() if line.startswith("flexround_pl: error:")]
+    assert len(errors) == 1 and errors[0] == stderr.strip().splitlines()[-1] and "Traceback" not in stderr, stderr
+    return errors
+
+
+def _fit_args(cfg: str, run, *extra: str) -> list[str]:
+    return ["fit", "--config", cfg, "--trainer.default_root_dir", str(run), *extra]
+
+
+def test_a_block_file_of_another_configuration_is_refused_on_resume(tmp_path, reference, capfd):
+    """What two runs racing in one directory leave (issue 17): state.json of the bits-3 run, but block 0
+    overwritten by a bits-4 run. The resume must refuse it, not load 4-bit codes into a 3-bit run."""
+    cfg, ref_run = reference
+    other = tmp_path / "bits4"
+    assert main(_fit_args(cfg, other, "--model.quant.weight.bits", "4", "--export", "false")) == 0
+    run = tmp_path / "run"
+    shutil.copytree(ref_run, run)
+    shutil.copy(other / "resume" / "block_000.safetensors", run / "resume" / "block_000.safetensors")
+    before = {p: (run / p).read_bytes() for p in ("config.yaml", "results.json", "quantized.safetensors")}
+    capfd.readouterr()
+
+    assert main(_fit_args(cfg, run)) == 2
+    err = _error_lines(capfd.readouterr().err)
+    assert "block_000.safetensors was written by a run with another configuration" in err[0]
+    assert "model.quant.weight.bits: 4 -> 3" in err[0] and "--fresh true" in err[0]
+    assert {p: (run / p).read_bytes() for p in before} == before  # nothing rewritten
+
+    assert main(_fit_args(cfg, run, "--fresh", "true")) == 0
+    _assert_bitwise_equal(_codes(run), _codes(ref_run))
+
+
+HOLD_LOCK = """
+import sys, time
+from flexround_pl import rundir
+with rundir.locked(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_directory_in_use_is_refused_and_a_killed_holders_lock_is_taken_over(tmp_path, reference, capfd):
+    cfg, ref_run = reference
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], cwd=REPO, env=_env(str(tmp_path)),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capfd.readouterr()
+        assert main(_fit_args(cfg, run)) == 2
+        err = _error_lines(capfd.readouterr().err)
+        assert f"is in use by another flexround_pl run (PID {holder.pid}" in err[0]
+        assert sorted(os.listdir(run)) == [".flexround_pl.lock"]  # nothing else written
+    finally:
+        holder.kill()  # SIGKILL: the holder cannot clean up its lock file
+        holder.wait()
+
+    assert main(_fit_args(cfg, run)) == 0
+    out = capfd.readouterr().out
+    assert f"took over the stale lock of run PID {holder.pid} (no longer running)" in out
+    assert (run / ".flexround_pl.lock").read_text() == ""  # a clean exit leaves no PID behind
+    _assert_bitwise_equal(_codes(run), _codes(ref_run))
+
+
+def test_two_runs_started_at_once_into_one_directory_cannot_mix_their_blocks(tmp_path, tiny_bert_dir):
+    """The issue-17 race: bits 4 and bits 3 started together in one run directory. One runs; the other
+    stops with one line (the directory is in use, or holds the other configuration) and writes nothing."""
+    cfg = _config(tmp_path, tiny_bert_dir)
+    run = tmp_path / "run"
+    env = _env(str(tmp_path))
+    procs = {}
+    for bits in (4, 3):
+        cmd = [sys.executable, "-m", "flexround_pl", *_fit_args(cfg, run, "--model.quant.weight.bits", str(bits))]
+        procs[bits] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+    outcome = {bits: (p.wait(timeout=600), p.stderr.read()) for bits, p in procs.items()}
+    winners = [bits for bits, (rc, _) in outcome.items() if rc == 0]
+    assert len(winners) == 1, outcome
+    (loser,) = set(outcome) - set(winners)
+    rc, err = outcome[loser]
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("flexround_pl: error:"), err
+    assert "is in use by another flexround_pl run (PID" in last or "another configuration" in last, last
+
+    bits = winners[0]
+    state = json.loads((run / "resume" / "state.json").read_text())
+    assert state["config"]["model.quant.weight.bits"] == bits and sorted(state["blocks"]) == ["0", "1"]
+    for name in ("block_000.safetensors", "block_001.safetensors"):
+        meta, _ = read_quantized(str(run / "resume" / name))
+        assert meta["config"]["model.quant.weight.bits"] == bits
+        assert {info["bits"] for info in meta["layers"].values()} == {bits}
+    assert json.loads((run / "results.json").read_text())["w_bits"] == bits
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["quant"]["weight"]["bits"] == bits
+
+
+def test_results_and_state_are_readable_by_everyone(reference):
+    """``results.json`` / ``state.json`` came out 0600 (``mkstemp``); they follow the umask like every output."""
+    _, run = reference
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (run / "results.json", run / "resume" / "state.json", run / "quantized.safetensors"):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def test_temp_files_of_killed_writes_are_removed_and_fresh_clears_old_tensorboard_events(tmp_path, reference):
+    cfg, ref_run = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_run, run)
+    leftovers = [run / "tmpab12cd.tmp", run / ".tmp-x1y2.safetensors", run / "resume" / "tmpzz.tmp",
+                 run / "resume" / ".tmp-q9.safetensors", run / ".tmp-export-k3" / "model.safetensors"]
+    for path in leftovers:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("half written")
+    old_events = run / "tensorboard" / "events.out.tfevents.1.old-run"
+    old_events.parent.mkdir(exist_ok=True)
+    old_events.write_text("old curves")
+    assert main(_fit_args(cfg, run)) == 0  # a resume (every block finished): cleans up, keeps the curves
+    assert not any(p.exists() for p in leftovers) and not (run / ".tmp-export-k3").exists()
+    assert old_events.exists()
+    assert main(_fit_args(cfg, run, "--fresh", "true")) == 0
+    assert not old_events.exists()
+
+
+def test_ctrl_c_outside_a_blocks_fit_prints_one_line_and_the_run_resumes(tmp_path, reference, monkeypatch, capfd):
+    from flexround_pl.reconstruct.resume import RunState
+
+    cfg, ref_run = reference
+    run = tmp_path / "run"
+    save_block = RunState.save_block
+
+    def interrupted_after_block_0(self, index, *args):
+        save_block(self, index, *args)
+        raise KeyboardInterrupt  # Ctrl-C between block 0's save and block 1
+
+    monkeypatch.setattr(RunState, "save_block", interrupted_after_block_0)
+    capfd.readouterr()
+    assert main(_fit_args(cfg, run)) == 130
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "flexround_pl: interrupted: the finished blocks are saved in the run directory (resume/); "
+        "re-run the same command to resume")
+    monkeypatch.setattr(RunState, "save_block", save_block)
+    assert main(_fit_args(cfg, run)) == 0
+    assert json.loads((run / "results.json").read_text())["resumed_blocks"] == 1
+    _assert_bitwise_equal(_codes(run), _codes(ref_run))
+
+
+# What a full disk raises, as measured on a 64 KiB tmpfs: safetensors wraps the OS error in its own type.
+def _disk_full_safetensors(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("where", ["block", "checkpoint", "export"])
+def test_a_full_disk_gives_one_line_naming_the_directory_and_the_run_resumes(
+    where, tmp_path, reference, monkeypatch, capfd
+):
+    import safetensors.torch
+    import transformers
+
+    cfg, ref_run = reference
+    run = tmp_path / "run"
+    real_save = safetensors.torch.save_file
+
+    def save_file(tensors, filename, *args, **kwargs):
+        target = os.path.dirname(filename)
+        if (where == "block") == target.endswith("resume"):
+            _disk_full_safetensors()
+        return real_save(tensors, filename, *args, **kwargs)
+
+    def save_pretrained(self, directory, *args, **kwargs):
+        raise OSError(28, "No space left on device", os.path.join(directory, "model.safetensors"))
+
+    if where == "export":
+        monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_pretrained)
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    capfd.readouterr()
+    assert main(_fit_args(cfg, run)) == 1
+    (error,) = _error_lines(capfd.readouterr().err)
+    assert error.startswith("flexround_pl: error: the disk is full: a write under"), error
+    assert f"{str(run / 'resume') if where == 'block' else str(run)}" in error and "free space there" in error
+    assert not [p for p in os.listdir(run) if p.startswith((".tmp", "tmp"))]  # nothing half-written left
+
+    monkeypatch.undo()  # space freed
+    assert main(_fit_args(cfg, run)) == 0
+    assert json.loads((run / "results.json").read_text())["resumed_blocks"] == (0 if where == "block" else 2)
+    _assert_bitwise_equal(_codes(run), _codes(ref_run))

@@ -4,7 +4,8 @@ from flexround_pl.data.base import PTQDataModule
 from flexround_pl.data.images import DigitsData, FashionMNISTData, ImageFolderData
 from flexround_pl.data.language_modeling import LanguageModelingData
 from flexround_pl.data.text_classification import TextClassificationData
+from flexround_pl.data.webnlg import DataToTextData
 
 __all__ = [
-    "DigitsData", "FashionMNISTData", "ImageFolderData", "LanguageModelingData", "PTQDataModule", "TextClassificationData",
+    "DataToTextData", "DigitsData", "FashionMNISTData", "ImageFolderData", "LanguageModelingData", "PTQDataModule", "TextClassificationData",
 ]

@@ -40,6 +40,9 @@ class PTQDataModule(L.LightningDataModule):
     def num_labels(self) -> Optional[int]:
         return None
 
+    def check_model(self, net: Any) -> None:
+        """Refuse (``ValueError``) a network this data's task cannot evaluate; called before any work."""
+
     def calibration_dataloader(self) -> DataLoader:
         raise NotImplementedError
 

@@ -21,7 +21,13 @@ from torchmetrics import regression as tmr
 
 
 class TaskMetrics(nn.Module):
-    """Base class: a named set of torchmetrics metrics fed from (logits, batch)."""
+    """Base class: a named set of torchmetrics metrics fed from (logits, batch).
+
+    ``generates = True`` marks metrics fed by decoding with the network instead
+    (``update_generation(net, batch)``, see :mod:`flexround_pl.evaluate.generation`).
+    """
+
+    generates = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -45,11 +45,11 @@ from torch import Tensor, nn
 import flexround_pl
 from flexround_pl.export.packing import pack_codes, packed_nbytes, unpack_codes
 from flexround_pl.quant.layers import QuantizedLayer
+from flexround_pl.rundir import CHECKPOINT_NAME  # re-exported
 
 FORMAT = "flexround_pl.quantized"
 FORMAT_VERSION = 1
 METADATA_KEY = "flexround_pl"
-CHECKPOINT_NAME = "quantized.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -295,7 +295,7 @@ def _skeleton_config(info: dict[str, Any], quant: Optional[Any]) -> Any:
         group_size=info["group_size"],
         init="minmax",
     )
-    changes: dict[str, Any] = {"method": "rtn", "weight": grid}
+    changes: dict[str, Any] = {"method": "rtn", "init_from": "rtn", "weight": grid}
     activation = getattr(base, "activation", None)
     if activation is not None:
         changes["activation"] = dataclasses.replace(

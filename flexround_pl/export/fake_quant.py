@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from flexround_pl.quant.layers import QuantizedLayer
+from flexround_pl.rundir import EXPORT_DIR  # re-exported
 
-EXPORT_DIR = "export"
 INFO_FILE = "flexround_export.json"
 STATE_DICT_FILE = "model_state_dict.pt"
 

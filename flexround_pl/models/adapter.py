@@ -61,6 +61,8 @@ class Architecture:
 
 
 _REGISTRY: dict[str, Architecture] = {}
+#: called in order for a class no adapter claims (models/generic.py: any HF layer list)
+_FALLBACKS: list[Callable[[nn.Module], Architecture]] = []
 
 
 def register(arch: Architecture) -> Architecture:
@@ -69,13 +71,20 @@ def register(arch: Architecture) -> Architecture:
     return arch
 
 
+def register_fallback(build: Callable[[nn.Module], Architecture]) -> None:
+    """``build(model)`` serves classes no adapter claims; it raises ``ValueError`` naming what it cannot handle."""
+    _FALLBACKS.append(build)
+
+
 def find_architecture(model: nn.Module) -> Architecture:
-    """The adapter serving ``model``'s class, or a clear error naming the supported ones."""
+    """The adapter serving ``model``'s class (a specific one, else the fallback), or a clear error."""
     cls = type(model).__name__
-    if cls not in _REGISTRY:
-        known = ", ".join(sorted(_REGISTRY))
-        raise ValueError(
-            f"no architecture adapter for model class {cls!r}; supported: {known}. "
-            "Add one in flexround_pl/models/ (see models/bert.py for a short example)."
-        )
-    return _REGISTRY[cls]
+    if cls in _REGISTRY:
+        return _REGISTRY[cls]
+    if _FALLBACKS:
+        return _FALLBACKS[0](model)
+    known = ", ".join(sorted(_REGISTRY))
+    raise ValueError(
+        f"no architecture adapter for model class {cls!r}; supported: {known}. "
+        "Add one in flexround_pl/models/ (see models/bert.py for a short example)."
+    )

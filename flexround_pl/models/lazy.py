@@ -41,8 +41,9 @@ import json
 import os
 import types
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -309,6 +310,19 @@ def release(block: nn.Module) -> None:
         return
     state.pinned = False
     _drop_block(block, state)
+
+
+@contextmanager
+def without_loading(blocks: list[nn.Module]) -> Iterator[None]:
+    """Forwards of these lazy blocks read nothing (for forwards replaced by pass-throughs that need no weight)."""
+    states = [s for b in blocks if (s := _BLOCKS.get(b)) is not None and not s.pinned]
+    for state in states:
+        state.pinned = True  # the hooks skip pinned blocks
+    try:
+        yield
+    finally:
+        for state in states:
+            state.pinned = False
 
 
 def materialize(model: nn.Module) -> nn.Module:

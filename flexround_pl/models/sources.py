@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 from torch import nn
 
-from flexround_pl.utils import default_cache_root
+from flexround_pl.utils import check_writable_dir, default_cache_root
 
 
 class ModelSource:
@@ -59,6 +59,14 @@ class TrainedHereSource(ModelSource):
 
     def is_cached(self) -> bool:
         return os.path.isfile(os.path.join(self.cache_path(), self.marker_file))
+
+    def check_cache(self) -> None:
+        """Not cached yet: the cache root must take the trained model (``ValueError`` naming the setting)."""
+        if self.is_cached():
+            return
+        what = "model.source.init_args.cache_dir" if self.cache_dir else (
+            "FLEXROUND_PL_CACHE" if os.environ.get("FLEXROUND_PL_CACHE") else "the model cache")
+        check_writable_dir(os.path.dirname(self.cache_path()), what)
 
 
 def _offline() -> bool:
@@ -106,7 +114,15 @@ class HFModel(ModelSource):
                 from flexround_pl.models.lazy import Shards
 
                 Shards(path)  # ValueError if the directory has no safetensors files
+            check_model_dir(path, self.gguf_file, weights=False)  # config.json parses
+            self.check_model_class(path)  # an adapter serves it (before asking for the weights)
+            check_model_dir(path, self.gguf_file)
             return
+        if os.path.exists(path):
+            raise ValueError(
+                f"model path {self.name_or_path!r} is a file, not a model directory; pass the directory that "
+                "holds config.json and the weights" + (" (and gguf_file for a GGUF file)" if path.endswith(".gguf") else "")
+            )
         # A hub id is "name" or "org/name"; anything else is meant as a path.
         if path.startswith((".", "/")) or path.count("/") > 1:
             raise ValueError(
@@ -119,8 +135,22 @@ class HFModel(ModelSource):
                 "download it first or point model.source.name_or_path at a local copy"
             )
 
+    def check_model_class(self, path: str) -> None:
+        """From the config alone (before a GGUF conversion or any load): an adapter serves the class."""
+        from flexround_pl.models.generic import check_model_class, config_or_error
+
+        gguf_file = self.gguf_file
+        if gguf_file:
+            from flexround_pl.models.gguf import converted_dir, is_converted
+
+            if is_converted(path, gguf_file):  # (ValueError if the file is missing)
+                path, gguf_file = converted_dir(path, gguf_file), None  # its config.json: no GGUF header to parse
+        elif not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"model directory {path!r} has no config.json; save it with save_pretrained")
+        check_model_class(config_or_error(path, gguf_file, **self._kwargs()), self.task, self.lazy)
+
     def _kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {"trust_remote_code": False}  # an error, never an interactive prompt
         if self.revision:
             kw["revision"] = self.revision
         return kw
@@ -174,3 +204,51 @@ class HFModel(ModelSource):
         if self.gguf_file:
             kw["gguf_file"] = self.gguf_file
         return transformers.AutoTokenizer.from_pretrained(path, **kw)
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_dir(path: str, gguf_file: Optional[str] = None, weights: bool = True) -> None:
+    """A local Hugging Face model directory: ``config.json`` parses and (``weights``) the weight files are
+    there and readable.
+
+    Reads headers only (safetensors: the JSON header and its offsets against
+    the file size), so a corrupt, empty or truncated download is refused
+    before any work instead of failing inside transformers.
+    """
+    if gguf_file:
+        if not os.path.isfile(os.path.join(path, gguf_file)):
+            raise ValueError(f"model directory {path!r} has no GGUF file {gguf_file!r}")
+        return
+    config = os.path.join(path, "config.json")
+    try:
+        with open(config) as f:
+            parsed = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"model directory {path!r} has no config.json; is it a Hugging Face model directory?") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{config} is not valid JSON ({type(e).__name__}: {e}); re-download or re-save the model"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{config} is not a model configuration (a JSON object); re-download or re-save the model")
+    if not weights:
+        return
+    names = set(os.listdir(path))
+    if not names & set(WEIGHT_FILES) and not any(n.endswith(".safetensors") for n in names):
+        raise ValueError(
+            f"model directory {path!r} has no weight files ({', '.join(WEIGHT_FILES[::2])} or *.safetensors shards); "
+            "the download is incomplete: re-download or re-save the model"
+        )
+    from safetensors import safe_open
+
+    for name in sorted(n for n in names if n.endswith(".safetensors")):
+        try:
+            with safe_open(os.path.join(path, name), framework="pt"):
+                pass
+        except Exception as e:  # SafetensorError, OSError
+            raise ValueError(
+                f"{os.path.join(path, name)} is not a readable safetensors file, truncated or corrupt "
+                f"({' '.join(str(e).split())}); re-download or re-save the model"
+            ) from None

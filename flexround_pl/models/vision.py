@@ -329,6 +329,7 @@ class FashionMNISTResNet18(TrainedHereSource):
             from flexround_pl.data.images import fashion_mnist_paths
 
             fashion_mnist_paths(self.data_dir)  # training needs the data: clear error naming the package
+            self.check_cache()
 
     # ------------------------------------------------------------------ loading
 

@@ -13,13 +13,17 @@ from .config import (
     ActivationConfig,
     AdaRoundConfig,
     FlexRoundConfig,
+    GPTQConfig,
     GridConfig,
+    LRQConfig,
     NUPESConfig,
     QuantConfig,
     validate_bits,
 )
 from .flexround import FlexRoundQuantizer
 from .grid import UniformGrid, group_view, ungroup
+from .gptq import GPTQQuantizer
+from .lrq import LRQQuantizer
 from .layers import QuantConv1D, QuantConv2d, QuantizedLayer, QuantLinear
 from .nupes import NUPESQuantizer
 from .rtn import RoundToNearest
@@ -37,7 +41,7 @@ __all__ = [
     "ActivationConfig", "ActivationQuantizer", "NUPESConfig", "NUPESQuantizer",
     "activation_parameters", "activation_quantizers", "calibrate_activations", "qdrop",
     "AdaRoundConfig", "AdaRoundQuantizer", "FlexRoundConfig", "FlexRoundQuantizer",
-    "GridConfig", "QuantConfig", "QuantConv1D", "QuantConv2d", "QuantLinear",
+    "GPTQConfig", "GPTQQuantizer", "GridConfig", "LRQConfig", "LRQQuantizer", "QuantConfig", "QuantConv1D", "QuantConv2d", "QuantLinear",
     "QuantizedLayer", "RoundToNearest", "UniformGrid", "WeightQuantizer",
     "build_quantizer", "group_view", "harden_modules", "learnable_parameters",
     "quantize_modules", "quantized_layers", "round_ste", "set_hard",

@@ -19,14 +19,30 @@ Regularizer schedule (BRECQ's ``LinearTempDecay``, the public AdaRound code):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from .base import WeightQuantizer, clamp_codes
-from .config import AdaRoundConfig, GridConfig
-from .grid import UniformGrid
+from .base import WeightQuantizer, clamp_codes, register
+from .grid import GridConfig, UniformGrid
 
 GAMMA, ZETA = -0.1, 1.1
+
+
+@dataclass
+class AdaRoundConfig:
+    """AdaRound (Nagel et al., ICML 2020) rectified-sigmoid rounding.
+
+    Regularizer ``reg_weight * sum(1 - |2h - 1|^beta)``; beta is annealed from
+    ``beta_start`` to ``beta_end`` after a ``warmup`` fraction of the steps with
+    no regularization.
+    """
+
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
 
 
 class AdaRoundQuantizer(WeightQuantizer):
@@ -68,4 +84,6 @@ class AdaRoundQuantizer(WeightQuantizer):
         return self.cfg.reg_weight * (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
-__all__ = ["AdaRoundQuantizer", "GAMMA", "ZETA"]
+register("adaround", lambda weight, grid_cfg, cfg, is_conv: AdaRoundQuantizer(weight, grid_cfg, cfg.adaround))
+
+__all__ = ["AdaRoundConfig", "AdaRoundQuantizer", "GAMMA", "ZETA"]

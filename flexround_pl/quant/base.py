@@ -5,18 +5,25 @@ learnable parameters (FlexRound's scales, AdaRound's ``V``). It never stores
 the weight: ``forward(weight)`` returns the fake-quantized fp32 weight,
 ``codes(weight)`` the hard integers. Dequantization convention, in the grid
 view: ``w_hat = s1 * (codes - zero_point)``.
+
+Methods are a registry (torchao's pattern): each quantizer module calls
+:func:`register` once with a builder, :func:`build_quantizer` looks the name
+up, and ``QuantConfig``'s ``method`` Literal and validation read
+:func:`method_names`. A new method is one new module (plus its config field).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .config import QuantConfig
-from .grid import UniformGrid
+from .grid import GridConfig, UniformGrid
+
+if TYPE_CHECKING:
+    from .config import QuantConfig
 
 
 class RoundSTE(torch.autograd.Function):
@@ -100,26 +107,73 @@ class WeightQuantizer(nn.Module):
         return torch.zeros((), device=self.grid.log_scale.device)
 
 
+def decode_values(u: Tensor, exponent: Optional[Tensor | float]) -> Tensor:
+    """Grid values ``u = s1 (codes - zp)`` -> weights: ``u`` itself on a uniform grid,
+    ``sign(u)|u|^(1/a)`` on a power grid of exponent ``a`` (NUPES).
+
+    Hardened layers have no quantizer left, only codes, scale, zero point and
+    (power grids) ``exponent``: they decode with this map, the inverse of what
+    the quantizer's :meth:`WeightQuantizer.forward` applies.
+    """
+    if exponent is None:
+        return u
+    return torch.sign(u) * u.abs().pow(1.0 / exponent)
+
+
+#: ``build(weight, grid_cfg, cfg, is_conv)``: the quantizer of one weight (grid layout, output channels on dim 0).
+QuantizerBuilder = Callable[[Tensor, GridConfig, "QuantConfig", bool], WeightQuantizer]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered method.
+
+    ``uses_hessian``: the quantizer needs its layer's input Hessian before it
+    is hardened (``compensate(weight, hessian)``, GPTQ); the block driver
+    collects it from the calibration cache.
+    ``starts_anywhere``: the rounding reads the weight at every call and keeps
+    nothing computed from it but the grid, so the driver may hand it another
+    starting weight on the same grid (``quant.init_from: gptq``).
+    """
+
+    name: str
+    build: QuantizerBuilder
+    uses_hessian: bool = False
+    starts_anywhere: bool = False
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(name: str, build: QuantizerBuilder, uses_hessian: bool = False, starts_anywhere: bool = False) -> None:
+    """Make ``--model.quant.method NAME`` build quantizers with ``build`` (flags: :class:`MethodSpec`)."""
+    if name in METHODS and METHODS[name].build is not build:
+        raise ValueError(f"quantization method {name!r} is registered twice")
+    METHODS[name] = MethodSpec(name, build, uses_hessian, starts_anywhere)
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered method names, sorted (independent of import order)."""
+    return tuple(sorted(METHODS))
+
+
+def method_spec(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown quantization method {name!r}: registered are {', '.join(METHODS)} "
+            "(a new method registers itself in its module under flexround_pl/quant/)"
+        ) from None
+
+
 def build_quantizer(
-    weight: Tensor, cfg: QuantConfig, is_conv: bool, bits: Optional[int] = None
+    weight: Tensor, cfg: "QuantConfig", is_conv: bool, bits: Optional[int] = None
 ) -> WeightQuantizer:
     """The quantizer ``cfg.method`` names, on ``cfg.weight``'s grid.
 
     ``bits`` overrides ``cfg.weight.bits`` (e.g. 8 for a CNN's first/last layer).
     ``weight`` must be in the grid layout: output channels along dim 0.
     """
-    from .adaround import AdaRoundQuantizer
-    from .flexround import FlexRoundQuantizer
-    from .nupes import NUPESQuantizer
-    from .rtn import RoundToNearest
-
     grid_cfg = cfg.weight if bits is None else replace(cfg.weight, bits=bits)
-    if cfg.method == "rtn":
-        return RoundToNearest(weight, grid_cfg)
-    if cfg.method == "flexround":
-        return FlexRoundQuantizer(weight, grid_cfg, cfg.flexround, is_conv)
-    if cfg.method == "adaround":
-        return AdaRoundQuantizer(weight, grid_cfg, cfg.adaround)
-    if cfg.method == "nupes":
-        return NUPESQuantizer(weight, grid_cfg, cfg.nupes, cfg.flexround, is_conv)
-    raise ValueError(f"unknown quantization method {cfg.method!r}")
+    return method_spec(cfg.method).build(weight, grid_cfg, cfg, is_conv)

@@ -8,129 +8,24 @@ run switches method with the single key ``method``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Optional, Sequence
 
-Method = Literal["rtn", "flexround", "adaround", "nupes"]
-Granularity = Literal["tensor", "channel", "group"]
-GridInit = Literal["minmax", "lp"]
 ActivationInit = Literal["mse", "minmax"]
 ActivationGranularity = Literal["tensor", "token"]
-NUPESMode = Literal["data_free", "data_driven"]
-NUPESRounding = Literal["additive", "flexround"]
 
-MIN_BITS, MAX_BITS = 2, 8
+# every method module registers itself on import (quant.base.register); the Literal is what they registered
+from .adaround import AdaRoundConfig
+from .base import method_names, method_spec
+from .flexround import FlexRoundConfig
+from .gptq import GPTQConfig
+from .lrq import LRQConfig
+from .grid import MAX_BITS, MIN_BITS, GridConfig, GridInit, Granularity, validate_bits
+from .nupes import NUPESConfig
+from . import rtn as _rtn  # noqa: F401  (registers 'rtn')
 
-
-@dataclass
-class GridConfig:
-    """A uniform affine integer grid.
-
-    ``granularity``: ``tensor`` (one step size per weight tensor, the FlexRound
-    paper's setting), ``channel`` (one per output channel) or ``group`` (one per
-    output channel and per ``group_size`` consecutive input elements).
-    ``init``: ``minmax`` uses the full range; ``lp`` searches ``lp_candidates``
-    shrunk ranges for the smallest ``||W - Q(W)||_p`` with ``p = lp_norm``
-    (BRECQ / QDrop use p = 2.4).
-    """
-
-    bits: int = 4
-    symmetric: bool = True
-    granularity: Granularity = "tensor"
-    group_size: int = 128
-    init: GridInit = "lp"
-    lp_norm: float = 2.4
-    lp_candidates: int = 100
-
-    def __post_init__(self) -> None:
-        validate_bits(self.bits, "bits")
-        if self.granularity not in ("tensor", "channel", "group"):
-            raise ValueError(
-                f"granularity must be 'tensor', 'channel' or 'group', got {self.granularity!r}"
-            )
-        if self.init not in ("minmax", "lp"):
-            raise ValueError(f"grid init must be 'minmax' or 'lp', got {self.init!r}")
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if self.lp_candidates < 1:
-            raise ValueError(f"lp_candidates must be >= 1, got {self.lp_candidates}")
-
-    @property
-    def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.symmetric else 0
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
-
-
-@dataclass
-class FlexRoundConfig:
-    """FlexRound (Lee et al., ICML 2023): learn the divisor s1*S2*s3[*s4].
-
-    ``learn_s1``: the common grid size is learned too (the paper does).
-    """
-
-    learn_s1: bool = True
-
-
-@dataclass
-class AdaRoundConfig:
-    """AdaRound (Nagel et al., ICML 2020) rectified-sigmoid rounding.
-
-    Regularizer ``reg_weight * sum(1 - |2h - 1|^beta)``; beta is annealed from
-    ``beta_start`` to ``beta_end`` after a ``warmup`` fraction of the steps with
-    no regularization.
-    """
-
-    reg_weight: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
-
-
-@dataclass
-class NUPESConfig:
-    """NUPES (Yvinec, Dapogny, Bailly, arXiv 2308.05600): a power-function grid.
-
-    The weight is mapped to ``t = sign(W)|W|^a``, ``t`` is quantized on the
-    uniform grid of ``model.quant.weight`` and mapped back with
-    ``sign(t_hat)|t_hat|^(1/a)``; ``a`` is one exponent per layer.
-
-    ``mode``: ``data_free`` searches ``a`` (and the grid) by weight
-    reconstruction error only, nothing is trained; ``data_driven`` starts from
-    that search and learns ``a``, the grid step and the quantized values with
-    the block reconstruction loss.
-    ``rounding`` (data-driven): ``additive`` learns a free offset per weight in
-    grid steps (codes may move anywhere in the quantized range, not only up or
-    down); ``flexround`` learns FlexRound's divisor ``s1*S2*s3[*s4]`` on ``t``
-    (uses ``model.quant.flexround``).
-    ``exponent_min`` / ``exponent_max``: the range searched and, in the
-    data-driven mode, the range ``a`` is kept in while learning.
-    ``exponent_candidates``: exponents of the coarse search (a finer search
-    around the best one follows). ``learn_exponent``: data-driven mode trains ``a``.
-    See docs/NUPES.md.
-    """
-
-    mode: NUPESMode = "data_driven"
-    rounding: NUPESRounding = "additive"
-    exponent_min: float = 0.2
-    exponent_max: float = 1.0
-    exponent_candidates: int = 9
-    learn_exponent: bool = True
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("data_free", "data_driven"):
-            raise ValueError(f"nupes.mode must be 'data_free' or 'data_driven', got {self.mode!r}")
-        if self.rounding not in ("additive", "flexround"):
-            raise ValueError(f"nupes.rounding must be 'additive' or 'flexround', got {self.rounding!r}")
-        if not 0 < self.exponent_min <= self.exponent_max:
-            raise ValueError(
-                "nupes exponents need 0 < exponent_min <= exponent_max, got "
-                f"exponent_min={self.exponent_min}, exponent_max={self.exponent_max}"
-            )
-        if self.exponent_candidates < 1:
-            raise ValueError(f"nupes.exponent_candidates must be >= 1, got {self.exponent_candidates}")
+Method = Literal[method_names()]  # type: ignore[valid-type]
+InitFrom = Literal["rtn", "gptq"]
 
 
 @dataclass
@@ -194,6 +89,12 @@ class QuantConfig:
     BRECQ, QDrop and FlexRound), ``[]`` quantizes every layer at ``weight.bits``.
     ``activation``: input quantization of the quantized layers (off by default).
     ``nupes``: settings of ``method: nupes`` (power-function weight grid).
+    ``lrq``: settings of ``method: lrq`` (FlexRound with a low-rank scale matrix).
+    ``gptq``: settings of ``method: gptq`` and of ``init_from: gptq``.
+    ``init_from``: the weight a learned rounding starts from: ``rtn``, the FP
+    weight (at initialization the method is round-to-nearest); ``gptq``, the
+    GPTQ-compensated weight of every layer on the same grid (at
+    initialization the method *is* GPTQ), for ``flexround`` and ``lrq``.
     """
 
     method: Method = "flexround"
@@ -201,25 +102,36 @@ class QuantConfig:
     flexround: FlexRoundConfig = field(default_factory=FlexRoundConfig)
     adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
     nupes: NUPESConfig = field(default_factory=NUPESConfig)
+    lrq: LRQConfig = field(default_factory=LRQConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    init_from: InitFrom = "rtn"
     activation: ActivationConfig = field(default_factory=ActivationConfig)
     keep_fp: list[str] = field(default_factory=list)
     eight_bit: Optional[list[str]] = None
+
+    def as_rtn(self, **changes: Any) -> "QuantConfig":
+        """This config with round-to-nearest (and nothing to start from), plus ``changes``."""
+        return replace(self, method="rtn", init_from="rtn", **changes)
 
     def eight_bit_patterns(self, architecture_default: Sequence[str]) -> tuple[str, ...]:
         return tuple(architecture_default) if self.eight_bit is None else tuple(self.eight_bit)
 
     def __post_init__(self) -> None:
-        if self.method not in ("rtn", "flexround", "adaround", "nupes"):
+        if self.method not in method_names():
             raise ValueError(
-                "quantization method must be 'rtn', 'flexround', 'adaround' or 'nupes', "
-                f"got {self.method!r}"
+                f"quantization method must be one of {', '.join(method_names())}, got {self.method!r}"
+            )
+        if self.init_from not in ("rtn", "gptq"):
+            raise ValueError(f"quant.init_from must be 'rtn' or 'gptq', got {self.init_from!r}")
+        if self.init_from == "gptq" and not method_spec(self.method).starts_anywhere:
+            starts = ", ".join(n for n in method_names() if method_spec(n).starts_anywhere)
+            raise ValueError(
+                f"quant.init_from gptq needs a method that can start from another weight ({starts}), "
+                f"got method {self.method!r}: use init_from rtn, or method gptq itself"
             )
 
 
-def validate_bits(bits: Optional[int], name: str) -> None:
-    if bits is None:
-        return
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(
-            f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}"
-        )
+__all__ = [
+    "ActivationConfig", "AdaRoundConfig", "FlexRoundConfig", "GPTQConfig", "GridConfig", "LRQConfig", "MAX_BITS", "MIN_BITS",
+    "Method", "NUPESConfig", "QuantConfig", "validate_bits",
+]

@@ -31,14 +31,24 @@ proportional to its own weight.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from .base import WeightQuantizer, clamp_codes, round_ste
-from .config import FlexRoundConfig, GridConfig
-from .grid import UniformGrid
+from .base import WeightQuantizer, clamp_codes, register, round_ste
+from .grid import GridConfig, UniformGrid
+
+
+@dataclass
+class FlexRoundConfig:
+    """FlexRound (Lee et al., ICML 2023): learn the divisor s1*S2*s3[*s4].
+
+    ``learn_s1``: the common grid size is learned too (the paper does).
+    """
+
+    learn_s1: bool = True
 
 
 class _RoundClampSTE(torch.autograd.Function):
@@ -61,34 +71,30 @@ class _RoundClampSTE(torch.autograd.Function):
         return torch.where(inside, grad, 0.0), None, None, None
 
 
-class FlexRoundQuantizer(WeightQuantizer):
-    """``W_hat = s1 * (clamp(round_ste(W / (s1*S2*s3[*s4])) + zp, qmin, qmax) - zp)``."""
+class DivisionRounding(WeightQuantizer):
+    """The rounding FlexRound and LRQ share:
+    ``codes = clamp(round_ste(W / (s1 * exp(rest))) + zp, qmin, qmax)``.
 
-    log_s4: Optional[nn.Parameter]
+    Subclasses own ``log_s1`` (parameter or buffer) and say how the log of the
+    rest of the divisor is parametrized (:meth:`log_divisor_rest`, in the
+    weight's shape): one scale per weight (FlexRound) or a low-rank product
+    plus row and column vectors (LRQ).
+    """
 
-    def __init__(self, weight: Tensor, grid_cfg: GridConfig, cfg: FlexRoundConfig, is_conv: bool):
-        super().__init__(UniformGrid(weight, grid_cfg))
-        self.cfg = cfg
+    log_s1: Tensor
+
+    def _init_log_s1(self, learn: bool) -> None:
         log_s1 = self.grid.log_scale.detach().clone()
-        if cfg.learn_s1:
+        if learn:
             self.log_s1 = nn.Parameter(log_s1)
         else:
             self.register_buffer("log_s1", log_s1)
-        kw = dict(dtype=torch.float32, device=weight.device)
-        self.log_S2 = nn.Parameter(torch.zeros(weight.shape, **kw))
-        self.log_s3 = nn.Parameter(torch.zeros((weight.shape[0],) + (1,) * (weight.dim() - 1), **kw))
-        if is_conv and weight.dim() == 4:
-            self.log_s4 = nn.Parameter(torch.zeros(1, weight.shape[1], 1, 1, **kw))
-        else:
-            self.log_s4 = None
 
     def log_step(self) -> Tensor:
         return self.log_s1
 
     def log_divisor_rest(self) -> Tensor:
-        """``log S2 + log s3 [+ log s4]`` in the weight's shape."""
-        rest = self.log_S2 + self.log_s3
-        return rest if self.log_s4 is None else rest + self.log_s4
+        raise NotImplementedError
 
     def integers(self, weight: Tensor, hard: bool) -> Tensor:
         v = self.grid.group_view(weight.float())
@@ -98,3 +104,33 @@ class FlexRoundQuantizer(WeightQuantizer):
         if zp.dim() <= x.dim() and torch.broadcast_shapes(x.shape, zp.shape) == x.shape:
             return _RoundClampSTE.apply(x, zp, self.qmin, self.qmax)
         return clamp_codes(round_ste(x) + zp, self.qmin, self.qmax)
+
+
+class FlexRoundQuantizer(DivisionRounding):
+    """``W_hat = s1 * (clamp(round_ste(W / (s1*S2*s3[*s4])) + zp, qmin, qmax) - zp)``."""
+
+    log_s4: Optional[nn.Parameter]
+
+    def __init__(self, weight: Tensor, grid_cfg: GridConfig, cfg: FlexRoundConfig, is_conv: bool):
+        super().__init__(UniformGrid(weight, grid_cfg))
+        self.cfg = cfg
+        self._init_log_s1(cfg.learn_s1)
+        kw = dict(dtype=torch.float32, device=weight.device)
+        self.log_S2 = nn.Parameter(torch.zeros(weight.shape, **kw))
+        self.log_s3 = nn.Parameter(torch.zeros((weight.shape[0],) + (1,) * (weight.dim() - 1), **kw))
+        if is_conv and weight.dim() == 4:
+            self.log_s4 = nn.Parameter(torch.zeros(1, weight.shape[1], 1, 1, **kw))
+        else:
+            self.log_s4 = None
+
+    def log_divisor_rest(self) -> Tensor:
+        """``log S2 + log s3 [+ log s4]`` in the weight's shape."""
+        rest = self.log_S2 + self.log_s3
+        return rest if self.log_s4 is None else rest + self.log_s4
+
+
+register(
+    "flexround",
+    lambda weight, grid_cfg, cfg, is_conv: FlexRoundQuantizer(weight, grid_cfg, cfg.flexround, is_conv),
+    starts_anywhere=True,
+)

@@ -16,12 +16,68 @@ that RTN, FlexRound, AdaRound and the hardened layer use the very same float.
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .config import GridConfig
+Granularity = Literal["tensor", "channel", "group"]
+GridInit = Literal["minmax", "lp"]
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def validate_bits(bits: Optional[int], name: str) -> None:
+    if bits is None:
+        return
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(
+            f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}"
+        )
+
+
+@dataclass
+class GridConfig:
+    """A uniform affine integer grid.
+
+    ``granularity``: ``tensor`` (one step size per weight tensor, the FlexRound
+    paper's setting), ``channel`` (one per output channel) or ``group`` (one per
+    output channel and per ``group_size`` consecutive input elements).
+    ``init``: ``minmax`` uses the full range; ``lp`` searches ``lp_candidates``
+    shrunk ranges for the smallest ``||W - Q(W)||_p`` with ``p = lp_norm``
+    (BRECQ / QDrop use p = 2.4).
+    """
+
+    bits: int = 4
+    symmetric: bool = True
+    granularity: Granularity = "tensor"
+    group_size: int = 128
+    init: GridInit = "lp"
+    lp_norm: float = 2.4
+    lp_candidates: int = 100
+
+    def __post_init__(self) -> None:
+        validate_bits(self.bits, "bits")
+        if self.granularity not in ("tensor", "channel", "group"):
+            raise ValueError(
+                f"granularity must be 'tensor', 'channel' or 'group', got {self.granularity!r}"
+            )
+        if self.init not in ("minmax", "lp"):
+            raise ValueError(f"grid init must be 'minmax' or 'lp', got {self.init!r}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.lp_candidates < 1:
+            raise ValueError(f"lp_candidates must be >= 1, got {self.lp_candidates}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
 
 _MIN_STEP = 1e-8  # step of an all-zero channel / group
 

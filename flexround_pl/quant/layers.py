@@ -41,10 +41,9 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from .activation import ActivationQuantizer
-from .base import WeightQuantizer, build_quantizer
-from .config import GridConfig, QuantConfig
-from .grid import group_view, ungroup
-from .nupes import inverse_power
+from .base import WeightQuantizer, build_quantizer, decode_values
+from .config import QuantConfig
+from .grid import GridConfig, group_view, ungroup
 
 
 class QuantizedLayer(nn.Module):
@@ -98,9 +97,7 @@ class QuantizedLayer(nn.Module):
             raise RuntimeError("dequantize() needs codes: call harden() first")
         v = group_view(self.codes.float(), self.grid_cfg)
         u = self.scale * (v - self.zero_point)
-        exponent = getattr(self, "exponent", None)
-        if exponent is not None:
-            u = inverse_power(u, exponent)
+        u = decode_values(u, getattr(self, "exponent", None))
         return self._to_fp_layout(ungroup(u, self.grid_shape))
 
     # ---- hardening ----------------------------------------------------------

@@ -53,17 +53,65 @@ Both power maps run in fp32 on the fp32 weight, under autocast too.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .base import WeightQuantizer, clamp_codes, round_ste
-from .config import FlexRoundConfig, GridConfig, NUPESConfig
-from .grid import UniformGrid, fake_quant_into, group_view, reduce_dims
+from .base import WeightQuantizer, clamp_codes, decode_values, register, round_ste
+from .flexround import FlexRoundConfig, FlexRoundQuantizer
+from .grid import GridConfig, UniformGrid, fake_quant_into, group_view, reduce_dims
+from .rtn import RoundToNearest
 
 _TINY = torch.finfo(torch.float32).tiny
+
+NUPESMode = Literal["data_free", "data_driven"]
+NUPESRounding = Literal["additive", "flexround"]
+
+
+@dataclass
+class NUPESConfig:
+    """NUPES (Yvinec, Dapogny, Bailly, arXiv 2308.05600): a power-function grid.
+
+    The weight is mapped to ``t = sign(W)|W|^a``, ``t`` is quantized on the
+    uniform grid of ``model.quant.weight`` and mapped back with
+    ``sign(t_hat)|t_hat|^(1/a)``; ``a`` is one exponent per layer.
+
+    ``mode``: ``data_free`` searches ``a`` (and the grid) by weight
+    reconstruction error only, nothing is trained; ``data_driven`` starts from
+    that search and learns ``a``, the grid step and the quantized values with
+    the block reconstruction loss.
+    ``rounding`` (data-driven): ``additive`` learns a free offset per weight in
+    grid steps (codes may move anywhere in the quantized range, not only up or
+    down); ``flexround`` learns FlexRound's divisor ``s1*S2*s3[*s4]`` on ``t``
+    (uses ``model.quant.flexround``).
+    ``exponent_min`` / ``exponent_max``: the range searched and, in the
+    data-driven mode, the range ``a`` is kept in while learning.
+    ``exponent_candidates``: exponents of the coarse search (a finer search
+    around the best one follows). ``learn_exponent``: data-driven mode trains ``a``.
+    See docs/NUPES.md.
+    """
+
+    mode: NUPESMode = "data_driven"
+    rounding: NUPESRounding = "additive"
+    exponent_min: float = 0.2
+    exponent_max: float = 1.0
+    exponent_candidates: int = 9
+    learn_exponent: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("data_free", "data_driven"):
+            raise ValueError(f"nupes.mode must be 'data_free' or 'data_driven', got {self.mode!r}")
+        if self.rounding not in ("additive", "flexround"):
+            raise ValueError(f"nupes.rounding must be 'additive' or 'flexround', got {self.rounding!r}")
+        if not 0 < self.exponent_min <= self.exponent_max:
+            raise ValueError(
+                "nupes exponents need 0 < exponent_min <= exponent_max, got "
+                f"exponent_min={self.exponent_min}, exponent_max={self.exponent_max}"
+            )
+        if self.exponent_candidates < 1:
+            raise ValueError(f"nupes.exponent_candidates must be >= 1, got {self.exponent_candidates}")
 
 
 # ---- the two power maps ----------------------------------------------------------
@@ -75,8 +123,11 @@ def power(x: Tensor, a: Tensor | float) -> Tensor:
 
 
 def inverse_power(u: Tensor, a: Tensor | float) -> Tensor:
-    """``sign(u) |u|^(1/a)``: NUPES dequantization (values only; exact for ``a = 1``)."""
-    return torch.sign(u) * u.abs().pow(1.0 / a)
+    """``sign(u) |u|^(1/a)``: NUPES dequantization (values only; exact for ``a = 1``).
+
+    The same map hardened layers decode with (:func:`~flexround_pl.quant.base.decode_values`).
+    """
+    return decode_values(u, a)
 
 
 class _Power(torch.autograd.Function):
@@ -254,9 +305,6 @@ class NUPESQuantizer(WeightQuantizer):
         flex_cfg: Optional[FlexRoundConfig] = None,
         is_conv: bool = False,
     ):
-        from .flexround import FlexRoundQuantizer
-        from .rtn import RoundToNearest
-
         w = weight.detach().float()
         a0, log_scale, zero_point, errors = search_grid(w, grid_cfg, cfg)
         t = power(w, a0)
@@ -318,6 +366,11 @@ class NUPESQuantizer(WeightQuantizer):
         return f"mode={self.cfg.mode}, a={float(self.a.detach()):.4f} ({learned})"
 
 
+register(
+    "nupes",
+    lambda weight, grid_cfg, cfg, is_conv: NUPESQuantizer(weight, grid_cfg, cfg.nupes, cfg.flexround, is_conv),
+)
+
 __all__ = [
-    "AdditiveRounding", "NUPESQuantizer", "inverse_power", "power", "search_grid",
+    "AdditiveRounding", "NUPESConfig", "NUPESQuantizer", "inverse_power", "power", "search_grid",
 ]

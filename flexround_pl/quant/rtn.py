@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import WeightQuantizer, clamp_codes
-from .config import GridConfig
-from .grid import UniformGrid
+from .base import WeightQuantizer, clamp_codes, register
+from .grid import GridConfig, UniformGrid
 
 
 class RoundToNearest(WeightQuantizer):
@@ -26,3 +25,6 @@ class RoundToNearest(WeightQuantizer):
         v = self.grid.group_view(weight.float())
         s1 = torch.exp(self.log_step())
         return clamp_codes(torch.round(v / s1) + self.grid.zero_point, self.qmin, self.qmax)
+
+
+register("rtn", lambda weight, grid_cfg, cfg, is_conv: RoundToNearest(weight, grid_cfg))

@@ -14,10 +14,25 @@ inputs. Each block is therefore run a constant number of times: the cost is
 linear in depth, where BRECQ / QDrop re-run the whole quantized prefix per block.
 
 Blocks are called with more than their hidden states (attention masks, rotary
-position embeddings, ...). Those *extras* are captured from the real model call
-and kept as-is: a tensor whose first dimension is the capture batch size is
-stored per sample, anything else (``None``, flags, tensors shared across the
-batch such as ``position_ids`` of shape ``[1, T]``) is stored once.
+position embeddings, ...), and not all with the same: Gemma-2/3, Mistral or
+Qwen2 with sliding windows give sliding-window layers another mask than
+full-attention layers, Gemma-3 gives them another rotary table too. Those
+*extras* are captured **per block** from the model's own forward call
+(:meth:`CalibrationCache.capture` hooks every block) and stored only once per
+distinct value: a leaf equal in several blocks (the one mask of an attention
+type, the one ``(cos, sin)`` of a rope type) is one column shared by their
+templates. A tensor whose first dimension is the capture batch size is stored
+per sample, anything else (``None``, flags, tensors shared across the batch
+such as ``position_ids`` of shape ``[1, T]``) is stored once. Memory is
+therefore one copy per attention / rope type, not one per layer.
+
+Capturing every block's call costs no extra model forward: the first batch
+runs the real blocks (it checks that block ``i``'s output is exactly block
+``i+1``'s input, which block-wise reconstruction assumes, and learns each
+block's output structure), every later batch runs the model with each block
+replaced by a pass-through that records its arguments. The first batch is
+recorded both ways; if the extras differ (a model computing block arguments
+from the hidden states), every batch runs the real blocks instead.
 
 Storage (:class:`CacheStorage`, ``reconstruction.cache``): the per-sample
 tensors live in RAM (``memory``) or in memory-mapped files (``disk``, under
@@ -214,7 +229,176 @@ class _Column:
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook: nothing after the first block needs to run."""
+    """Raised by the capture hooks: nothing after the last captured block needs to run."""
+
+
+class _Distinct:
+    """The distinct leaves of one batch's block calls: equal leaves (same object, or equal tensors) share an id."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def id_of(self, leaf: Any) -> int:
+        for j, v in enumerate(self.values):
+            if _same(v, leaf):
+                return j
+        self.values.append(leaf)
+        return len(self.values) - 1
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
+            and a.device == b.device and bool(torch.equal(a, b))
+        )
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # objects without a usable ``==``: distinct unless identical
+        return False
+
+
+def _split_call(args: tuple, kwargs: dict) -> tuple[Tensor, tuple, dict]:
+    """``(hidden_states, other positional args, keyword args)`` of one block call."""
+    if args:
+        return args[0], args[1:], kwargs
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+@dataclass
+class _BatchRecord:
+    """One batch as every captured block saw it: block 0's input, each block's skeleton and leaf ids."""
+
+    hidden: Tensor
+    skeletons: list[Any]  # per block: the (args, kwargs) tree with a _Slot per leaf
+    ids: list[list[int]]  # per block, per slot: id in ``distinct``
+    distinct: _Distinct
+
+    @classmethod
+    def build(cls, calls: list[tuple[tuple, dict]]) -> "_BatchRecord":
+        distinct = _Distinct()
+        skeletons, ids = [], []
+        hidden = _split_call(*calls[0])[0].detach().cpu()
+        for args, kwargs in calls:
+            _, rest, kw = _split_call(args, kwargs)
+            flat: list[Any] = []
+            skeletons.append(_map((rest, kw), lambda leaf: (flat.append(leaf), _Slot(len(flat) - 1))[1]))
+            ids.append([distinct.id_of(leaf) for leaf in flat])
+        return cls(hidden, skeletons, ids, distinct)
+
+    def leaf(self, i: int, k: int) -> Any:
+        return self.distinct.values[self.ids[i][k]]
+
+    def same_as(self, other: "_BatchRecord") -> bool:
+        if self.skeletons != other.skeletons or self.ids != other.ids or not torch.equal(self.hidden, other.hidden):
+            return False
+        return all(_same(a, b) for a, b in zip(self.distinct.values, other.distinct.values))
+
+
+def _pass_through(structure: Any) -> Callable[..., Any]:
+    """A block forward returning its input hidden states in the structure the real block returns."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        h = _split_call(args, kwargs)[0]
+        if isinstance(structure, Tensor):
+            return h
+        return type(structure)((h, *structure[1:]))
+
+    return forward
+
+
+class _BlockCallRecorder:
+    """Records what every block is called with during a model forward (see the module docstring)."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        self.blocks = blocks
+        self.calls: list[tuple[tuple, dict]] = []
+        self.structures: list[Any] = []
+
+    def _run(self, run_model: Callable[[dict[str, Tensor]], Any], inputs: dict[str, Tensor], handles: list) -> None:
+        try:
+            try:
+                run_model(inputs)
+            except _StopForward:
+                pass
+            else:
+                raise RuntimeError("the blocks were never all called by the model's forward")
+        finally:
+            for h in handles:
+                h.remove()
+
+    def real(self, run_model: Callable[[dict[str, Tensor]], Any], inputs: dict[str, Tensor]) -> list[tuple[tuple, dict]]:
+        """The real blocks run; checks that each block's output is the next block's input."""
+        self.calls, outputs = [], []
+        last = len(self.blocks) - 1
+
+        def pre(i: int) -> Callable:
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                if i > 0:
+                    h, prev = _split_call(args, kwargs)[0], block_output(outputs[i - 1])
+                    if not _same(h, prev):
+                        raise ValueError(
+                            f"block {i + 1}'s input is not block {i}'s output: the model transforms the hidden "
+                            "states between its blocks, which block-wise reconstruction cannot reproduce; "
+                            "this architecture needs its own adapter in flexround_pl/models/"
+                        )
+                self.calls.append((args, kwargs))
+                if len(self.blocks) == 1:
+                    raise _StopForward  # a single block: its input is all that is needed
+            return hook
+
+        def post(i: int) -> Callable:
+            def hook(module: nn.Module, args: tuple, output: Any) -> None:
+                outputs.append(output)
+                if i == last:
+                    raise _StopForward
+            return hook
+
+        handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
+        handles += [b.register_forward_hook(post(i)) for i, b in enumerate(self.blocks)]
+        self._run(run_model, inputs, handles)
+        self.structures = outputs
+        return self.calls
+
+    def passing_through(
+        self, run_model: Callable[[dict[str, Tensor]], Any], inputs: dict[str, Tensor]
+    ) -> Optional[list[tuple[tuple, dict]]]:
+        """Every block replaced by a recording pass-through (its hooks still run); None if not possible."""
+        if len(self.structures) != len(self.blocks) or not all(
+            isinstance(s, Tensor) or (isinstance(s, (tuple, list)) and s and isinstance(s[0], Tensor))
+            for s in self.structures
+        ):
+            return None
+        self.calls = []
+
+        def recording(forward: Callable) -> Callable:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                self.calls.append((args, kwargs))
+                return forward(*args, **kwargs)
+            return call
+
+        def stop(module: nn.Module, args: tuple, output: Any) -> None:
+            raise _StopForward  # after the block's own hooks (a lazy block goes back to meta first)
+
+        patched: list[tuple[nn.Module, Any]] = []
+        try:
+            for block, structure in zip(self.blocks, self.structures):
+                own = block.__dict__.get("forward")  # e.g. an accelerate hook's wrapper: put back after
+                block.forward = recording(_pass_through(structure))  # instance attribute: hooks still run
+                patched.append((block, own))
+            from flexround_pl.models.lazy import without_loading  # (here: models imports this module)
+
+            with without_loading(self.blocks):  # a lazy block's weights are not needed
+                self._run(run_model, inputs, [self.blocks[-1].register_forward_hook(stop)])
+        finally:
+            for block, own in patched:
+                del block.forward
+                if own is not None:
+                    block.forward = own
+        return self.calls
 
 
 # ---- the cache ------------------------------------------------------------------
@@ -224,15 +408,17 @@ class CalibrationCache:
     """Block inputs / targets of every calibration sample, on CPU.
 
     Build it with :meth:`capture`; iterate blocks with :meth:`compute_targets`,
-    :meth:`advance`. ``template`` is the call's extra arguments with per-sample
-    tensors replaced by placeholders; ``extras[k]`` stacks placeholder ``k``
-    over all samples.
+    :meth:`advance`. ``templates[i]`` is block ``i``'s extra arguments with
+    per-sample tensors replaced by placeholders; ``extras[k]`` stacks
+    placeholder ``k`` over all samples (shared by every block receiving the
+    same value). A cache captured at a single block replays its one template
+    for every block.
     """
 
     def __init__(
         self,
         fp_inputs: Tensor,
-        template: tuple[tuple, dict],
+        template: Any,
         extras: list[Tensor],
         loss_mask: Optional[Tensor] = None,
         storage: Optional[CacheStorage] = None,
@@ -241,12 +427,22 @@ class CalibrationCache:
         self.fp_inputs = fp_inputs
         self.q_inputs = fp_inputs  # the first block sees the same (FP) input
         self.targets: Optional[Tensor] = None
-        self.template = template
+        self.templates: list[tuple[tuple, dict]] = template if isinstance(template, list) else [template]
         self.extras = extras
         self.loss_mask = loss_mask
+        self.block_index = 0  # the block whose arguments call_args gives; advance() moves it on
 
     def __len__(self) -> int:
         return self.fp_inputs.shape[0]
+
+    @property
+    def template(self) -> tuple[tuple, dict]:
+        """The current block's call template."""
+        if len(self.templates) == 1:
+            return self.templates[0]
+        if self.block_index >= len(self.templates):
+            raise RuntimeError(f"the cache holds the arguments of {len(self.templates)} blocks; all are done")
+        return self.templates[self.block_index]
 
     # -- capture -------------------------------------------------------------
 
@@ -255,73 +451,83 @@ class CalibrationCache:
     def capture(
         cls,
         run_model: Callable[[dict[str, Tensor]], Any],
-        first_block: nn.Module,
+        blocks: Any,
         batches: Iterable[dict[str, Tensor]],
         cache: str = "memory",
         cache_dir: Optional[str] = None,
     ) -> "CalibrationCache":
-        """Record what ``first_block`` receives while ``run_model`` runs each batch.
+        """Record what every block of ``blocks`` receives while ``run_model`` runs each batch.
 
-        ``run_model(inputs)`` calls the whole model; a forward pre-hook on the
-        first block records its arguments and stops the forward pass there. The
-        hook is always removed, so the model is left exactly as it was.
-        ``cache`` / ``cache_dir``: where the tensors live (see :class:`CacheStorage`).
+        ``run_model(inputs)`` calls the whole model; ``blocks``: the blocks in
+        execution order (or one module: only its call is captured, and
+        replayed for every block). Hooks record the first block's input and
+        every block's other arguments, and stop the forward pass after the
+        last block. Every hook and patch is removed, so the model is left
+        exactly as it was. ``cache`` / ``cache_dir``: where the tensors live
+        (see :class:`CacheStorage`).
         """
-        records: list[tuple[tuple, dict]] = []
+        recorder = _BlockCallRecorder([blocks] if isinstance(blocks, nn.Module) else list(blocks))
+        records: list[_BatchRecord] = []
         masks: list[Optional[Tensor]] = []
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            records.append((args, kwargs))
-            raise _StopForward
-
-        handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            for batch in batches:
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                try:
-                    run_model(inputs)
-                except _StopForward:
-                    pass
-                else:
-                    raise RuntimeError("the first block was never called by the model's forward")
-                masks.append(inputs.get("attention_mask"))
-        finally:
-            handle.remove()
+        real_only = len(recorder.blocks) == 1
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            if records and not real_only:
+                calls = recorder.passing_through(run_model, inputs)
+                assert calls is not None
+                records.append(_BatchRecord.build(calls))
+            else:
+                records.append(_BatchRecord.build(recorder.real(run_model, inputs)))
+                if not real_only:  # is the pass-through shortcut exact for this model?
+                    calls = recorder.passing_through(run_model, inputs)
+                    real_only = calls is None or not _BatchRecord.build(calls).same_as(records[0])
+            masks.append(inputs.get("attention_mask"))
         if not records:
             raise ValueError("the calibration data is empty: set a positive number of calibration samples")
         return cls._from_records(records, masks, cache, cache_dir)
 
     @classmethod
     def _from_records(
-        cls, records: list[tuple[tuple, dict]], masks: list[Optional[Tensor]], cache: str = "memory",
+        cls, records: list[_BatchRecord], masks: list[Optional[Tensor]], cache: str = "memory",
         cache_dir: Optional[str] = None,
     ) -> "CalibrationCache":
-        hidden, skeletons, leaves = [], [], []
-        for args, kwargs in records:
-            if args:
-                h, rest = args[0], args[1:]
-            else:
-                kwargs = dict(kwargs)
-                h, rest = kwargs.pop("hidden_states"), ()
-            hidden.append(h.detach().cpu())
-            flat: list[Any] = []
-            skeletons.append(_map((rest, kwargs), lambda leaf: (flat.append(leaf), _Slot(len(flat) - 1))[1]))
-            leaves.append(flat)
-        if any(sk != skeletons[0] for sk in skeletons):
+        first = records[0]
+        if any(r.skeletons != first.skeletons for r in records):
             raise ValueError(
-                "calibration batches call the first block with different arguments; "
+                "calibration batches call the blocks with different arguments; "
                 "give every calibration batch the same shape (pad text to a fixed max_length)"
             )
-        sizes = [h.shape[0] for h in hidden]
-        columns = [_Column.build(k, [flat[k] for flat in leaves], sizes) for k in range(len(leaves[0]))]
+        # one column per group of (block, slot) holding the same leaf in every batch
+        column_of: dict[tuple[int, int], int] = {}
+        signatures: dict[tuple[int, ...], int] = {}
+        representatives: list[tuple[int, int]] = []
+        for i, block_ids in enumerate(first.ids):
+            for k in range(len(block_ids)):
+                signature = tuple(r.ids[i][k] for r in records)
+                if signature not in signatures:
+                    signatures[signature] = len(representatives)
+                    representatives.append((i, k))
+                column_of[(i, k)] = signatures[signature]
+        sizes = [r.hidden.shape[0] for r in records]
+        columns = [_Column.build(k, [r.leaf(i, k) for r in records], sizes) for i, k in representatives]
+        hidden = [r.hidden for r in records]
+        del records
         hidden_nbytes = sum(h.numel() * h.element_size() for h in hidden)
         extras_nbytes = sum(c.stacked.numel() * c.stacked.element_size() for c in columns if c.per_sample)
         # steady state: FP inputs + quantized inputs + fp32 targets, plus the per-sample extras
         estimate = 2 * hidden_nbytes + sum(h.numel() for h in hidden) * 4 + extras_nbytes
         storage = CacheStorage.choose(cache, cache_dir, estimate)
-        extras = [storage.put(c.stacked) for c in columns if c.per_sample]
-        keys = iter(range(len(extras)))
-        template = _map(skeletons[0], lambda slot: _PerSample(next(keys)) if columns[slot.k].per_sample else columns[slot.k].value)
+        extras, key_of = [], {}
+        for j, c in enumerate(columns):
+            if c.per_sample:
+                key_of[j] = len(extras)
+                extras.append(storage.put(c.stacked))
+
+        def leaf(i: int, slot: _Slot) -> Any:
+            j = column_of[(i, slot.k)]
+            return _PerSample(key_of[j]) if j in key_of else columns[j].value
+
+        templates = [_map(sk, lambda slot, i=i: leaf(i, slot)) for i, sk in enumerate(first.skeletons)]
         fp_inputs = storage.cat(hidden)
         del hidden
         loss_mask = None
@@ -329,7 +535,7 @@ class CalibrationCache:
             mask = torch.cat([m.cpu() for m in masks]).bool()
             if mask.shape == fp_inputs.shape[:2]:
                 loss_mask = storage.put(mask)
-        return cls(fp_inputs, template, extras, loss_mask, storage)
+        return cls(fp_inputs, templates, extras, loss_mask, storage)
 
     # -- batches -------------------------------------------------------------
 
@@ -382,8 +588,18 @@ class CalibrationCache:
         return result
 
     def compute_targets(self, teacher: nn.Module, device: torch.device, batch_size: int) -> None:
-        """FP outputs of the current block: the reconstruction targets."""
-        self.targets = self.apply(teacher, self.fp_inputs, device, batch_size)
+        """FP outputs of the current block: the reconstruction targets.
+
+        This is the one pass of each block over the FP calibration inputs:
+        modules counting calibration statistics (MoE tokens per expert,
+        models/moe.py) count while :func:`in_target_pass` is true.
+        """
+        global _TARGET_PASS
+        _TARGET_PASS = True
+        try:
+            self.targets = self.apply(teacher, self.fp_inputs, device, batch_size)
+        finally:
+            _TARGET_PASS = False
 
     def advance(
         self, hardened_block: nn.Module, device: torch.device, batch_size: int,
@@ -397,12 +613,21 @@ class CalibrationCache:
             raise RuntimeError("compute_targets must run before advance")
         self.q_inputs = self.apply(hardened_block, self.q_inputs, device, batch_size, each)
         self.fp_inputs, self.targets = self.targets, None
+        self.block_index += 1
 
     def nbytes(self) -> int:
         tensors = [self.fp_inputs, self.q_inputs, *self.extras]
         if self.targets is not None:
             tensors.append(self.targets)
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+_TARGET_PASS = False
+
+
+def in_target_pass() -> bool:
+    """True while :meth:`CalibrationCache.compute_targets` runs a block (once per block, FP inputs)."""
+    return _TARGET_PASS
 
 
 def to_device(tree: Any, device: torch.device) -> Any:

@@ -7,13 +7,17 @@ from typing import Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
+
+from flexround_pl.reconstruct.config import ReconstructionConfig
 
 
 class KeepBestParameters(L.Callback):
     """Remember the learnable parameters with the lowest validation loss.
 
-    The validation loss is the full-calibration loss with hard rounding (what
-    the hardened block will compute). ``initial_loss`` is the loss of the
+    The validation loss is the loss with hard rounding (what the hardened
+    block will compute) on the held-out calibration samples, or on all of
+    them without ``reconstruction.holdout``. ``initial_loss`` is the loss of the
     initial grid (round-to-nearest), so the driver, which compares ``best``
     with the loss after the last step and calls :meth:`restore` when it is
     lower, never ends a block worse than RTN.
@@ -45,3 +49,10 @@ class KeepBestParameters(L.Callback):
         with torch.no_grad():
             for p, saved in zip(pl_module.params, self._snapshot):
                 p.copy_(saved)
+
+
+def holdout_callbacks(recon: ReconstructionConfig, metric: str) -> list[L.Callback]:
+    """Early stopping on the held-out loss (``reconstruction.patience`` evaluations without improvement)."""
+    if recon.patience <= 0:
+        return []
+    return [EarlyStopping(monitor=metric, patience=recon.patience, mode="min", check_on_train_epoch_end=False)]

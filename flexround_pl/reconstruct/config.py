@@ -41,6 +41,13 @@ class ReconstructionConfig:
     :mod:`flexround_pl.reconstruct.cache`). Results are identical either way.
     ``cache_dir``: directory of the disk cache; default ``<run dir>/cache``
     (the files are unlinked as soon as they are mapped).
+    ``holdout``: fraction of the calibration samples kept out of training
+    (the same seeded subset for every block). With ``holdout > 0`` the
+    best-step choice and early stopping use the loss on those samples
+    (logged ``block_XX/holdout_loss``); with 0 they use the loss on all
+    calibration samples, the training data itself (``block_XX/calibration_loss``).
+    ``patience``: stop a block's training after this many ``evaluations``
+    without a lower holdout loss (0: never; needs ``holdout > 0``).
     """
 
     lr: float = 1e-3
@@ -51,6 +58,8 @@ class ReconstructionConfig:
     qdrop_p: Optional[float] = None
     cache: Literal["memory", "disk", "auto"] = "auto"
     cache_dir: Optional[str] = None
+    holdout: float = 0.0
+    patience: int = 0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -64,6 +73,19 @@ class ReconstructionConfig:
             raise ValueError(f"reconstruction.qdrop_p must be in [0, 1], got {self.qdrop_p}")
         if self.cache not in ("memory", "disk", "auto"):
             raise ValueError(f"reconstruction.cache must be 'memory', 'disk' or 'auto', got {self.cache!r}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"reconstruction.holdout must be a fraction in [0, 1), got {self.holdout}")
+        if self.patience < 0:
+            raise ValueError(f"reconstruction.patience must be >= 0, got {self.patience}")
+        if self.patience > 0 and self.holdout == 0:
+            raise ValueError(
+                "reconstruction.patience needs held-out samples to stop on: set reconstruction.holdout "
+                "(e.g. 0.1), or patience 0"
+            )
+
+    def selection_metric(self, tag: str) -> str:
+        """The logged name of the loss that picks a block's best step (and stops it early)."""
+        return f"{tag}/holdout_loss" if self.holdout > 0 else f"{tag}/calibration_loss"
 
     def effective_qdrop_p(self, activations_quantized: bool) -> float:
         """``qdrop_p``, or its default: 0.5 with activation quantization, 1 without."""

@@ -38,9 +38,10 @@ from flexround_pl.quant.surgery import (
     set_hard,
 )
 from flexround_pl.reconstruct.cache import CalibrationCache
-from flexround_pl.reconstruct.callbacks import KeepBestParameters
+from flexround_pl.reconstruct.callbacks import KeepBestParameters, holdout_callbacks
 from flexround_pl.reconstruct.config import ReconstructionConfig
 from flexround_pl.reconstruct.data import BlockDataModule
+from flexround_pl.reconstruct.gptq_hessian import compensate_block, uses_layer_hessians
 from flexround_pl.reconstruct.module import (
     BlockReconstruction,
     LossMean,
@@ -100,7 +101,7 @@ def _check_finite(loss: float, index: int, total: int, name: str, step: int, lr:
 
 def _shell_config(quant: QuantConfig) -> QuantConfig:
     """Cheapest config that builds a block's wrappers for loading saved hardened state into them."""
-    return dataclasses.replace(quant, method="rtn", weight=dataclasses.replace(quant.weight, init="minmax"))
+    return quant.as_rtn(weight=dataclasses.replace(quant.weight, init="minmax"))
 
 
 @dataclass
@@ -114,10 +115,10 @@ class BlockResult:
     quantized_layers: int
 
 
-def _hard_loss(block: nn.Module, dm: BlockDataModule, device: torch.device) -> float:
+def _hard_loss(block: nn.Module, batches, device: torch.device) -> float:
     set_hard(block, True)
     try:
-        return block_loss(block, dm.val_dataloader(), device)
+        return block_loss(block, batches, device)
     finally:
         set_hard(block, False)
 
@@ -186,8 +187,10 @@ def quantize_blocks(
 
         swapped = quantize_modules(block, quant, keep_fp=keep_fp, eight_bit=eight_bit, prefix=name)
         block.to(device)
+        if uses_layer_hessians(quant):  # GPTQ: codes (method gptq) or starting weights (init_from gptq)
+            compensate_block(block, teacher, cache, device, quant, recon)
         calibrate_block_activations(block, cache, device, recon.eval_batch_size, quant.activation.init_samples)
-        dm = BlockDataModule(cache, recon.batch_size, recon.eval_batch_size, recon.seed + i)
+        dm = BlockDataModule(cache, recon.batch_size, recon.eval_batch_size, recon.seed + i, recon.holdout, recon.seed)
         loss_start: Optional[float] = None  # without training it equals loss_end: one pass fewer
         best_step, steps = 0, 0
         if learnable_parameters(block) and max_steps > 0:
@@ -237,22 +240,26 @@ def _train_block(
     training, the iterations run and the iteration whose parameters were kept.
     """
     tag = f"block_{index:02d}"
-    loss_start = _hard_loss(block, dm, device)
+    loss_start = _hard_loss(block, dm.calibration_dataloader(), device)
     _check_finite(loss_start, index, total, name, 0, recon.lr)
+    metric = recon.selection_metric(tag)  # holdout_loss, or calibration_loss without a holdout
     module = BlockReconstruction(
         teacher, block, recon.lr, tag=tag, act_lr=quant.activation.lr,
-        qdrop_p=recon.effective_qdrop_p(quant.activation.bits is not None),
+        qdrop_p=recon.effective_qdrop_p(quant.activation.bits is not None), val_metric=metric,
     )
-    keep = KeepBestParameters(f"{tag}/val_loss", loss_start)
+    keep = KeepBestParameters(metric, _hard_loss(block, dm.val_dataloader(), device) if dm.holdout_indices else loss_start)
     interval = math.ceil(max_steps / recon.evaluations) if recon.evaluations else None
-    trainer = make_trainer(tag, [keep, FiniteLossGuard(index, total, name, recon.lr), *callbacks], interval)
+    trainer = make_trainer(
+        tag, [keep, FiniteLossGuard(index, total, name, recon.lr), *holdout_callbacks(recon, metric), *callbacks],
+        interval,
+    )
     trainer.fit(module, datamodule=dm)
     steps = trainer.global_step
     block.to(device)
     if keep.last is not None and keep.last[0] == steps:
         last = keep.last[1]  # validated at the final step already: no extra pass
     else:
-        last = _hard_loss(block, dm, device)
+        last = _hard_loss(block, dm.val_dataloader(), device)
     if not math.isfinite(last) or keep.best < last:
         keep.restore(module)
         best_step = keep.best_step
@@ -280,7 +287,7 @@ def quantize_outside_blocks(model: nn.Module, arch: Architecture, quant: QuantCo
     (heads, embeddings) in FP, so this is usually empty.
     """
     keep_fp = tuple(arch.keep_fp) + tuple(quant.keep_fp)
-    rtn = dataclasses.replace(quant, method="rtn")
+    rtn = quant.as_rtn()
     swapped = quantize_modules(model, rtn, keep_fp=keep_fp, eight_bit=quant.eight_bit_patterns(arch.eight_bit))
     harden_modules(model)
     return swapped

@@ -63,6 +63,8 @@ class BlockReconstruction(L.LightningModule):
         act_lr: Adam learning rate of the activation step sizes (second group).
         qdrop_p: QDrop probability of keeping quantization in training steps
             (block input and every activation quantizer); 1 = no drop.
+        val_metric: the logged name of the validation loss (hard rounding),
+            ``{tag}/calibration_loss`` or ``{tag}/holdout_loss``.
     """
 
     def __init__(
@@ -73,8 +75,10 @@ class BlockReconstruction(L.LightningModule):
         tag: str = "block",
         act_lr: Optional[float] = None,
         qdrop_p: float = 1.0,
+        val_metric: Optional[str] = None,
     ) -> None:
         super().__init__()
+        self.val_metric = val_metric or f"{tag}/calibration_loss"
         self.teacher = teacher.requires_grad_(False)
         self.student = student
         self.lr = lr
@@ -134,7 +138,7 @@ class BlockReconstruction(L.LightningModule):
             set_hard(self.student, False)
         # under DDP each rank validates its shard: average the ranks' means (equal shard sizes)
         distributed = self._trainer is not None and self.trainer.world_size > 1
-        self.log(f"{self.tag}/val_loss", loss, batch_size=batch["q_inputs"].shape[0], sync_dist=distributed)
+        self.log(self.val_metric, loss, batch_size=batch["q_inputs"].shape[0], sync_dist=distributed)
 
     def configure_optimizers(self) -> Any:
         groups = [{"params": self.weight_params, "lr": self.lr}]

@@ -8,6 +8,11 @@ After every block the driver saves, under ``<run dir>/resume/``:
 * ``state.json``: the configuration fingerprint and, per finished block, its
   name, file and :class:`~flexround_pl.reconstruct.driver.BlockResult`.
 
+Each block file carries the fingerprint too, and a resume checks every one
+against the run's before any work: ``state.json`` alone cannot tell that
+another run with another configuration overwrote a block file (two runs in
+one directory; the run-directory lock of :mod:`flexround_pl.rundir` stops that).
+
 Both are written atomically (temporary file + ``os.replace``), block file
 first, so a ``SIGKILL`` at any moment leaves either the previous consistent
 state or the new one; a block killed midway is simply redone.
@@ -47,13 +52,13 @@ from torch import nn
 
 from flexround_pl.export.checkpoint import (
     CheckpointError,
+    read_metadata,
     read_quantized,
     save_quantized,
 )
-from flexround_pl.utils import is_rank_zero, write_json_atomic
+from flexround_pl.rundir import CHECKPOINT_NAME, EXPORT_DIR, RESULTS_NAME, STATE_DIR, STATE_FILE, TENSORBOARD_DIR
+from flexround_pl.utils import disk_full_errors, is_rank_zero, write_json_atomic
 
-STATE_DIR = "resume"
-STATE_FILE = "state.json"
 STATE_FORMAT = 1
 
 #: Trainer settings that change the codes a block ends with.
@@ -156,7 +161,34 @@ class RunState:
                 "or choose another trainer.default_root_dir"
             )
         state.blocks = {int(k): v for k, v in blocks.items()}
+        for index in sorted(state.blocks):
+            state._check_block_file(index)
         return state
+
+    def _check_block_file(self, index: int) -> None:
+        """Refuse a block file that another configuration wrote (e.g. two runs raced in this directory).
+
+        Reads the file's header only; the file's own fingerprint, not only
+        ``state.json``'s, must be this run's.
+        """
+        entry = self.blocks[index]
+        path = os.path.join(self.dir, entry["file"])
+        try:
+            meta = read_metadata(path)
+        except CheckpointError as e:
+            raise ResumeError(f"cannot resume block {index}: {e}; pass --fresh true to start over") from None
+        if meta.get("index") != index or meta.get("block") != entry.get("name"):
+            raise ResumeError(
+                f"{path} holds block {meta.get('index')} ({meta.get('block')!r}), not block {index} "
+                f"({entry.get('name')!r}); pass --fresh true to start over"
+            )
+        if meta.get("config") != self.config:
+            changes = describe_changes(meta["config"], self.config) if isinstance(meta.get("config"), dict) else (
+                "the file has no configuration fingerprint")
+            raise ResumeError(
+                f"{path} was written by a run with another configuration ({changes}): two runs shared this run "
+                "directory, or the file was copied in; pass --fresh true to discard the resume state and start over"
+            )
 
     @property
     def resuming(self) -> bool:
@@ -166,12 +198,10 @@ class RunState:
         """Start the run: with ``fresh``, discard the old state and outputs of this run directory."""
         if not self.fresh or not is_rank_zero():
             return
-        from flexround_pl.export.checkpoint import CHECKPOINT_NAME
-        from flexround_pl.export.fake_quant import EXPORT_DIR
-
         shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(os.path.join(self.root, EXPORT_DIR), ignore_errors=True)
-        for name in (CHECKPOINT_NAME, "results.json"):
+        shutil.rmtree(os.path.join(self.root, TENSORBOARD_DIR), ignore_errors=True)  # old runs' curves
+        for name in (CHECKPOINT_NAME, RESULTS_NAME):
             path = os.path.join(self.root, name)
             if os.path.exists(path):
                 os.remove(path)
@@ -212,8 +242,14 @@ class RunState:
         self.blocks[index] = {"name": name, "file": f"block_{index:03d}.safetensors", "result": _plain(result)}
         if not is_rank_zero():
             return
+        with disk_full_errors(self.dir):
+            self._write_block(index, name, block)
+
+    def _write_block(self, index: int, name: str, block: nn.Module) -> None:
         os.makedirs(self.dir, exist_ok=True)
-        save_quantized(block, os.path.join(self.dir, self.blocks[index]["file"]), {"block": name, "index": index})
+        save_quantized(
+            block, os.path.join(self.dir, self.blocks[index]["file"]), {"block": name, "index": index, "config": self.config}
+        )
         write_json_atomic(
             self.state_path,
             {

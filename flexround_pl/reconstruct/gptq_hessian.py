@@ -1,0 +1,131 @@
+"""The layer Hessians GPTQ needs, from the calibration cache, and their use in a block.
+
+GPTQ (Frantar et al., ICLR 2023, arXiv 2210.17323) quantizes a block's layers
+with ``H = 2 X X^T / n``, ``X`` the inputs of each layer when the *quantized*
+network's block input (``cache.q_inputs``) runs through the *FP* block: the
+teacher copy, so every layer of the block sees the FP layers before it, as
+the paper's code does. Forward hooks on the teacher's layers accumulate
+``X X^T`` while the cache runs through it once; padding tokens (the cache's
+``loss_mask``) are left out.
+
+Used for ``quant.method: gptq`` (the codes) and ``quant.init_from: gptq``
+(FlexRound / LRQ start from the GPTQ-compensated weight, so at step 0 they
+are GPTQ and the reconstruction loss can only improve on it).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flexround_pl.quant.base import method_spec
+from flexround_pl.quant.config import QuantConfig
+from flexround_pl.quant.gptq import GPTQQuantizer, gptq_on_grid
+from flexround_pl.quant.layers import QuantizedLayer
+from flexround_pl.quant.surgery import quantized_layers
+from flexround_pl.reconstruct.cache import CalibrationCache, to_device
+from flexround_pl.reconstruct.config import ReconstructionConfig
+from flexround_pl.reconstruct.data import holdout_split
+
+
+def uses_layer_hessians(quant: QuantConfig) -> bool:
+    return method_spec(quant.method).uses_hessian or quant.init_from == "gptq"
+
+
+def _layer_rows(module: nn.Module, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """The rows of ``X^T`` one forward contributes: ``[rows, C_in]`` in the grid's input layout."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError(
+                f"GPTQ supports Conv2d with groups=1, zero padding and integer padding; got groups={module.groups}, "
+                f"padding={module.padding!r}, padding_mode={module.padding_mode!r}: keep this layer FP (keep_fp) "
+                "or use another method"
+            )
+        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # [B, C*k*k, L]
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+        x = x[mask.to(x.device).bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.no_grad()
+def layer_hessians(
+    teacher: nn.Module,
+    names: list[str],
+    cache: CalibrationCache,
+    device: torch.device,
+    batch_size: int,
+    indices: Optional[Tensor] = None,
+) -> dict[str, Tensor]:
+    """``H = 2 X X^T / n`` (float32, ``[C_in, C_in]``) of each named teacher layer, on ``cache.q_inputs[indices]``."""
+    modules = dict(teacher.named_modules())
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {n: 0 for n in names}
+    mask: list[Optional[Tensor]] = [None]
+
+    def hook(name: str):
+        def accumulate(module: nn.Module, args: tuple, output: object) -> None:
+            rows = _layer_rows(module, args[0], mask[0]).float()
+            if name not in sums:
+                sums[name] = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
+            sums[name].addmm_(rows.t(), rows)
+            counts[name] += rows.shape[0]
+
+        return accumulate
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    order = torch.arange(len(cache)) if indices is None else indices
+    try:
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            mask[0] = cache.loss_mask[index] if cache.loss_mask is not None else None
+            args, kwargs = to_device(cache.call_args(index), device)
+            teacher(cache.q_inputs[index].to(device), *args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if counts[n] == 0]
+    if missing:
+        raise RuntimeError(f"GPTQ: no calibration input reached layer(s) {', '.join(missing)} of this block")
+    return {n: sums[n] * (2.0 / counts[n]) for n in names}
+
+
+def _grid_weight(layer: QuantizedLayer) -> Tensor:
+    return layer._grid_weight().detach()
+
+
+@torch.no_grad()
+def compensate_block(
+    student: nn.Module,
+    teacher: nn.Module,
+    cache: CalibrationCache,
+    device: torch.device,
+    quant: QuantConfig,
+    recon: ReconstructionConfig,
+) -> int:
+    """GPTQ on every quantized layer of ``student`` (its teacher twin gives the Hessian).
+
+    The Hessians use the training samples only (``reconstruction.holdout``
+    keeps the held-out ones unseen by every method).
+
+    ``method: gptq``: the layer's codes are fixed. ``init_from: gptq``: the
+    layer's frozen starting weight becomes the GPTQ-compensated one (its
+    round-to-nearest on the layer's grid is GPTQ's codes). Returns the number
+    of layers compensated.
+    """
+    layers = [(n, m) for n, m in quantized_layers(student) if m.quantizer is not None]
+    train, _ = holdout_split(len(cache), recon.holdout, recon.seed)
+    hessians = layer_hessians(teacher, [n for n, _ in layers], cache, device, recon.eval_batch_size, torch.tensor(train))
+    for name, layer in layers:
+        q = layer.quantizer
+        if isinstance(q, GPTQQuantizer):
+            q.compensate(_grid_weight(layer), hessians[name])
+        else:
+            result = gptq_on_grid(_grid_weight(layer), hessians[name], q.grid, quant.gptq)
+            compensated = layer._to_fp_layout(result.compensated).to(layer.weight.dtype)
+            layer.weight.data.copy_(compensated)
+        del hessians[name]
+    return len(layers)
