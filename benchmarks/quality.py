@@ -9,8 +9,8 @@ Each (method, bits, steps) is one ``python -m flexround_pl fit`` run through
 ``methods.run_one`` (arguments after ``--`` go to every run); RTN and GPTQ
 train nothing, so they run once per bit-width whatever ``--steps``. Rows are
 merged into ``--out`` (default ``benchmarks/results/<config>/quality.json``;
-a row with the same method, bits, granularity, group size and steps is
-replaced), a list of
+a row with the same method, bits, granularity, group size, steps, start
+and lr is replaced), a list of
 
     {method, bits, granularity, group_size, steps, perplexity, fp_perplexity,
      fp_agreement, cpu_seconds, peak_rss_mb}
@@ -45,7 +45,7 @@ import methods as methods_bench  # noqa: E402
 
 METHODS = ("rtn", "gptq", "adaround", "flexround", "lrq", "autoround")
 TRAINS_NOTHING = ("rtn", "gptq")
-KEY = ("method", "bits", "granularity", "group_size", "steps", "init_from")
+KEY = ("method", "bits", "granularity", "group_size", "steps", "init_from", "lr")
 
 
 def _override(extra: list[str], name: str, default: Optional[str] = None) -> Optional[str]:
@@ -113,7 +113,7 @@ def run_dir_name(method: str, bits: int, granularity: str, group_size: Optional[
 def merge(rows: list[dict], new: list[dict]) -> list[dict]:
     """``rows`` with ``new`` added; a new row replaces an old one with the same key."""
     def key(r: dict) -> tuple:
-        return tuple(r.get(k, "rtn" if k == "init_from" else None) for k in KEY)
+        return tuple(r.get(k, "rtn" if k == "init_from" else None) for k in KEY)  # rows of older files lack some keys
 
     keys = {key(r) for r in new}
     kept = [r for r in rows if key(r) not in keys]
@@ -129,7 +129,8 @@ def table(rows: list[dict]) -> str:
         ratio = r["perplexity"] / r["fp_perplexity"] if r.get("fp_perplexity") else None
         grid = r["granularity"] + (f" {r['group_size']}" if r["group_size"] else "")
         start = r.get("init_from", "rtn")
-        cells = [r["method"] + ("" if start == "rtn" else f" (from {start})"), str(r["bits"]), grid, str(r["steps"]), f"{r['perplexity']:.2f}",
+        lr = f", lr {r['lr']:g}" if r.get("lr") else ""
+        cells = [r["method"] + ("" if start == "rtn" else f" (from {start})") + lr, str(r["bits"]), grid, str(r["steps"]), f"{r['perplexity']:.2f}",
                  "—" if ratio is None else f"{ratio:.2f}",
                  "—" if r.get("fp_agreement") is None else f"{r['fp_agreement']:.4f}",
                  "—" if r.get("cpu_seconds") is None else f"{r['cpu_seconds']:.0f}",

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from typing import Any, Optional
 
@@ -47,6 +48,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from flexround_pl import pipeline, progress, rundir
+from flexround_pl.config_files import check_config_files
 from flexround_pl.data.base import PTQDataModule
 from flexround_pl.evaluate.lm_eval import EvalConfig, LmEvalConfig, LmEvalRunner
 from flexround_pl.export.checkpoint import (
@@ -58,7 +60,6 @@ from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.driver import DivergenceError
 from flexround_pl.reconstruct.resume import RunState, fingerprint
 from flexround_pl.rundir import CHECKPOINT_NAME, CONFIG_NAME
-from flexround_pl.config_files import check_config_files
 from flexround_pl.utils import DiskFullError, disk_full_errors, is_rank_zero
 
 
@@ -224,12 +225,21 @@ def main(args: Optional[list[str]] = None) -> int:
         print(f"flexround_pl: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("flexround_pl: interrupted: the finished blocks are saved in the run directory (resume/); "
-              "re-run the same command to resume", file=sys.stderr)
-        return 130
+        return _interrupted()
+    except SystemExit as exit_:
+        if isinstance(exit_.__context__, KeyboardInterrupt):  # Lightning's Ctrl-C inside a trainer: sys.exit(1)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning left SIGINT ignored
+            return _interrupted()
+        raise
     finally:
         progress.stop_all()  # a step's heartbeat thread left running by an error
     return 0
+
+
+def _interrupted() -> int:
+    print("flexround_pl: interrupted: the finished blocks are saved in the run directory (resume/); "
+          "re-run the same command to resume", file=sys.stderr)
+    return 130
 
 
 def _one_line(err: BaseException) -> str:

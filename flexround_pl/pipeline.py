@@ -42,6 +42,7 @@ from flexround_pl.models.moe import expert_tokens
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.driver import BlockResult, quantize_blocks, quantize_outside_blocks
+from flexround_pl.reconstruct.gptq_hessian import unsupported_by_gptq, uses_layer_hessians
 from flexround_pl.reconstruct.module import calibrate_model_activations
 from flexround_pl.progress import peak_rss_mb
 from flexround_pl.rundir import CACHE_DIR, CHECKPOINT_NAME, EXPORT_DIR, RESULTS_NAME, TENSORBOARD_DIR
@@ -203,6 +204,9 @@ def check_quantizable(net: torch.nn.Module, arch: Any, quant: Any) -> list[str]:
         n_in = weight.shape[0] if cls.transposed else weight[0].numel()
         if quant.weight.granularity == "group" and n_in % quant.weight.group_size:
             bad.append((name, n_in))
+        why = unsupported_by_gptq(module) if uses_layer_hessians(quant) else None
+        if why is not None:
+            raise ValueError(f"{name}: {why}: keep it FP (model.quant.keep_fp) or use a method other than gptq")
     if not names:
         raise ValueError("no layer would be quantized: every Linear / Conv layer matches keep_fp")
     if bad:

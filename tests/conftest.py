@@ -90,3 +90,130 @@ def refused(capfd):
 
     capfd.readouterr()  # drop what came before the command
     return check
+
+
+# ---------------------------------------------------------------------- text, tokenizer, configs
+
+WORDS = (
+    "the a of and to in is was for on with as by at from river mountain city music science war king "
+    "queen north south east west alpha beta gamma delta red blue green small large old new first last"
+).split()
+
+
+def new_tiny_tokenizer():
+    """A word-level tokenizer over ``WORDS`` (vocabulary 45, unknown words -> [UNK])."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[EOS]": 1, ".": 2, ",": 3}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def random_text(n_sentences: int, seed: int) -> str:
+    """``n_sentences`` seeded random sentences over ``WORDS``."""
+    import random
+
+    r = random.Random(seed)
+    return " ".join(
+        " ".join(r.choice(WORDS) for _ in range(r.randint(4, 12))) + r.choice([".", ","]) for _ in range(n_sentences)
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """``tiny_tokenizer()``: a fresh word-level tokenizer (vocabulary 45)."""
+    return new_tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def make_text():
+    """``make_text(n_sentences, seed)``: seeded random text over the tiny tokenizer's words."""
+    return random_text
+
+
+def write_run_config_file(tmp_path, source: dict, quant: dict, reconstruction: dict, data: dict,
+                      max_steps: int, **trainer) -> str:
+    """``tmp_path/config.yaml`` for a CPU ``fit`` into ``tmp_path/run``: the one YAML writer of the tests."""
+    import yaml
+
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path / "run"), **trainer},
+        "model": {"source": source, "quant": quant, "reconstruction": reconstruction},
+        "data": data,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def write_classification_csvs(tmp_path) -> dict[str, str]:
+    """``train.csv`` / ``eval.csv`` (48 rows each, ``text,label``, 3 labels) in ``tmp_path``; their paths."""
+    words = ["alpha", "beta", "gamma", "delta", "river", "mountain", "music", "science", "war", "city"]
+    rows = []
+    for i in range(96):
+        label = ("north", "south", "east")[i % 3]
+        text = " ".join(words[(i * 7 + k * (i % 3 + 1)) % len(words)] for k in range(6 + i % 5))
+        rows.append(f"{text},{label}")
+    files = {}
+    for split, chunk in (("train", rows[:48]), ("eval", rows[48:])):
+        p = tmp_path / f"{split}.csv"
+        p.write_text("text,label\n" + "\n".join(chunk) + "\n")
+        files[split] = str(p)
+    return files
+
+
+def write_classifier_config(tmp_path, model_dir: str, **quant) -> str:
+    """A tiny-BERT classification run (FlexRound W3 per tensor, 30 steps) on ``write_classification_csvs``."""
+    files = write_classification_csvs(tmp_path)
+    return write_run_config_file(
+        tmp_path,
+        source={"class_path": "flexround_pl.models.HFModel", "init_args": {"name_or_path": model_dir}},
+        quant={"method": "flexround", "weight": {"bits": 3, "granularity": "tensor"}, **quant},
+        reconstruction={"lr": 0.003, "batch_size": 8, "eval_batch_size": 16},
+        data={"class_path": "flexround_pl.data.TextClassificationData",
+              "init_args": {"source": "files", "train_file": files["train"], "eval_file": files["eval"],
+                            "num_calibration": 32, "max_length": 16, "batch_size": 8}},
+        max_steps=30, log_every_n_steps=5,
+    )
+
+
+def write_lm_run_config(tmp_path, model_dir: str, max_steps: int = 20) -> str:
+    """A tiny causal-LM run (FlexRound W3 per channel) on seeded random text files."""
+    (tmp_path / "train.txt").write_text(random_text(200, 1))
+    (tmp_path / "eval.txt").write_text(random_text(100, 2))
+    return write_run_config_file(
+        tmp_path,
+        source={"class_path": "flexround_pl.models.HFModel",
+                "init_args": {"name_or_path": model_dir, "task": "causal-lm"}},
+        quant={"method": "flexround", "weight": {"bits": 3, "granularity": "channel"}},
+        reconstruction={"lr": 0.003, "batch_size": 4, "eval_batch_size": 8, "evaluations": 2},
+        data={"class_path": "flexround_pl.data.language_modeling.LanguageModelingData",
+              "init_args": {"source": "text_files", "train_file": str(tmp_path / "train.txt"),
+                            "eval_file": str(tmp_path / "eval.txt"), "seq_length": 16, "num_calibration": 8,
+                            "batch_size": 4, "eval_batch_size": 4, "num_eval_windows": 4}},
+        max_steps=max_steps, logger=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def write_config():
+    """``write_config(tmp_path, model_dir, **quant)``: the tiny-BERT classification config; returns its path."""
+    return write_classifier_config
+
+
+@pytest.fixture(scope="session")
+def write_lm_config():
+    """``write_lm_config(tmp_path, model_dir, max_steps=20)``: the tiny causal-LM config; returns its path."""
+    return write_lm_run_config
+
+
+@pytest.fixture(scope="session")
+def write_run_config():
+    """``write_run_config(tmp_path, source, quant, reconstruction, data, max_steps, **trainer)``."""
+    return write_run_config_file

@@ -19,14 +19,15 @@ import json
 import pytest
 import torch
 import transformers
-import yaml
 from torch import nn
 
 from flexround_pl.cli import FlexRoundCLI
 from flexround_pl.models import find_architecture
 from flexround_pl.reconstruct.cache import CalibrationCache, block_output
 
-from test_lm_data import make_text, tiny_tokenizer  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import new_tiny_tokenizer as tiny_tokenizer  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import random_text as make_text  # noqa: E402
+from conftest import write_classification_csvs, write_run_config_file  # noqa: E402
 
 VOCAB = 48  # >= the tiny tokenizer's 45 ids
 SMALL = dict(
@@ -132,29 +133,20 @@ def _write_config(tmp_path, model_dir: str, task: str, max_steps: int, **source)
                           "batch_size": 4, "eval_batch_size": 4, "num_eval_windows": 2},
         }
     else:
-        from test_cli_bert import _write_data
-
-        files = _write_data(tmp_path)
+        files = write_classification_csvs(tmp_path)
         data = {
             "class_path": "flexround_pl.data.TextClassificationData",
             "init_args": {"source": "files", "train_file": files["train"], "eval_file": files["eval"],
                           "num_calibration": 8, "max_length": 16, "batch_size": 8},
         }
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path / "run"), "logger": False},
-        "model": {
-            "source": {"class_path": "flexround_pl.models.HFModel",
-                       "init_args": {"name_or_path": model_dir, "task": task, **source}},
-            "quant": {"method": "flexround", "weight": {"bits": 3, "granularity": "channel", "init": "minmax"}},
-            "reconstruction": {"lr": 0.005, "batch_size": 4, "eval_batch_size": 8, "evaluations": 1},
-        },
-        "data": data,
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+    return write_run_config_file(
+        tmp_path,
+        source={"class_path": "flexround_pl.models.HFModel",
+                "init_args": {"name_or_path": model_dir, "task": task, **source}},
+        quant={"method": "flexround", "weight": {"bits": 3, "granularity": "channel", "init": "minmax"}},
+        reconstruction={"lr": 0.005, "batch_size": 4, "eval_batch_size": 8, "evaluations": 1},
+        data=data, max_steps=max_steps, logger=False,
+    )
 
 
 def _fit(tmp_path, model_dir: str, task: str, max_steps: int) -> FlexRoundCLI:

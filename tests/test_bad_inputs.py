@@ -11,8 +11,7 @@ from flexround_pl.cli import main
 
 
 @pytest.fixture()
-def config(tmp_path, tiny_bert_dir):
-    from test_cli_bert import write_config
+def config(tmp_path, tiny_bert_dir, write_config):
 
     return write_config(tmp_path, tiny_bert_dir)
 

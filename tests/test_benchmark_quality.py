@@ -35,7 +35,7 @@ def test_collect_writes_the_rows_the_issue_asks_for_and_merges(tmp_path, capsys)
     _finish(tmp_path, "lrq", 4, 40, 19.0, 460.0)
     _finish(tmp_path, "lrq", 4, 10, 21.0, 200.0)
     out = tmp_path / "quality.json"
-    out.write_text(json.dumps([{"method": "lrq", "bits": 4, "granularity": "channel", "group_size": None, "steps": 40,
+    out.write_text(json.dumps([{"method": "lrq", "bits": 4, "granularity": "channel", "group_size": None, "steps": 40, "lr": 0.01,
                                 "perplexity": 99.0}, {"method": "rtn", "bits": 3, "granularity": "channel",
                                                       "group_size": None, "steps": 0, "perplexity": 700.0}]))
     quality.main(["--config", "c.yaml", "--methods", "gptq", "lrq", "--steps", "10", "40", "--collect", "--out", str(out)])

@@ -10,7 +10,6 @@ import os
 import pytest
 import torch
 import transformers
-import yaml
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.pytorch_utils import Conv1D
@@ -19,7 +18,6 @@ from transformers.pytorch_utils import Conv1D
 from flexround_pl.models import find_architecture, gguf, gpt2, gpt_neo, opt  # noqa: F401
 from flexround_pl.reconstruct.cache import CalibrationCache, block_output
 
-from test_lm_data import make_text, tiny_tokenizer  # noqa: E402  (tests/ is on sys.path under pytest)
 
 VOCAB = 48  # >= the tiny tokenizer's 45 ids
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -140,51 +138,11 @@ def test_prepare_turns_the_kv_cache_off():
 # ---------------------------------------------------------------------- CLI end to end
 
 
-def _save_tiny(name: str, directory) -> str:
+def _save_tiny(name: str, directory, tokenizer) -> str:
     path = str(directory / name)
     tiny_causal_lm(name).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
-
-
-def _write_config(tmp_path, model_dir: str, max_steps: int = 20) -> str:
-    (tmp_path / "train.txt").write_text(make_text(200, 1))
-    (tmp_path / "eval.txt").write_text(make_text(100, 2))
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": max_steps,
-            "enable_progress_bar": False,
-            "default_root_dir": str(tmp_path / "run"),
-            "logger": False,
-        },
-        "model": {
-            "source": {
-                "class_path": "flexround_pl.models.HFModel",
-                "init_args": {"name_or_path": model_dir, "task": "causal-lm"},
-            },
-            "quant": {"method": "flexround", "weight": {"bits": 3, "granularity": "channel"}},
-            "reconstruction": {"lr": 0.003, "batch_size": 4, "eval_batch_size": 8, "evaluations": 2},
-        },
-        "data": {
-            "class_path": "flexround_pl.data.language_modeling.LanguageModelingData",
-            "init_args": {
-                "source": "text_files",
-                "train_file": str(tmp_path / "train.txt"),
-                "eval_file": str(tmp_path / "eval.txt"),
-                "seq_length": 16,
-                "num_calibration": 8,
-                "batch_size": 4,
-                "eval_batch_size": 4,
-                "num_eval_windows": 4,
-            },
-        },
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
 
 
 def _count_quantizable(block: nn.Module) -> int:
@@ -192,11 +150,11 @@ def _count_quantizable(block: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("name", ["gpt2", "opt", "gpt_neo", "llama"])
-def test_fit_end_to_end_on_a_tiny_causal_lm(tmp_path, name):
+def test_fit_end_to_end_on_a_tiny_causal_lm(tmp_path, name, tiny_tokenizer, write_lm_config):
     from flexround_pl.cli import main
 
-    model_dir = _save_tiny(name, tmp_path)
-    assert main(["fit", "--config", _write_config(tmp_path, model_dir)]) == 0
+    model_dir = _save_tiny(name, tmp_path, tiny_tokenizer())
+    assert main(["fit", "--config", write_lm_config(tmp_path, model_dir)]) == 0
 
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["architecture"] == name and results["calibration_samples"] == 8
@@ -218,13 +176,15 @@ def test_fit_end_to_end_on_a_tiny_causal_lm(tmp_path, name):
         assert block["loss_end"] < block["loss_start"], block
 
 
-def test_fit_with_per_token_8bit_activations_and_qdrop_then_validate_reproduces_it(tmp_path):
+def test_fit_with_per_token_8bit_activations_and_qdrop_then_validate_reproduces_it(
+    tmp_path, tiny_tokenizer, write_lm_config
+):
     """The FlexRound authors' LLM W4A8 setting: per-channel weights, dynamic per-token 8-bit activations."""
     from flexround_pl.cli import FlexRoundCLI, main
     from flexround_pl.export.checkpoint import read_metadata
 
-    model_dir = _save_tiny("llama", tmp_path)
-    config = _write_config(tmp_path, model_dir, max_steps=10)
+    model_dir = _save_tiny("llama", tmp_path, tiny_tokenizer())
+    config = write_lm_config(tmp_path, model_dir, max_steps=10)
     overrides = ["--model.quant.activation.bits", "8", "--model.quant.activation.granularity", "token"]
     assert main(["fit", "--config", config, *overrides]) == 0
 

@@ -12,57 +12,8 @@ from conftest import hf_classifier_metrics
 from flexround_pl.cli import main
 
 
-def _write_data(tmp_path) -> dict[str, str]:
-    words = ["alpha", "beta", "gamma", "delta", "river", "mountain", "music", "science", "war", "city"]
-    rows = []
-    for i in range(96):
-        label = ("north", "south", "east")[i % 3]
-        text = " ".join(words[(i * 7 + k * (i % 3 + 1)) % len(words)] for k in range(6 + i % 5))
-        rows.append(f"{text},{label}")
-    paths = {}
-    for split, chunk in (("train", rows[:48]), ("eval", rows[48:])):
-        p = tmp_path / f"{split}.csv"
-        p.write_text("text,label\n" + "\n".join(chunk) + "\n")
-        paths[split] = str(p)
-    return paths
-
-
-def write_config(tmp_path, model_dir: str, **quant) -> str:
-    data = _write_data(tmp_path)
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 30,
-            "enable_progress_bar": False,
-            "default_root_dir": str(tmp_path / "run"),
-            "log_every_n_steps": 5,
-        },
-        "model": {
-            "source": {"class_path": "flexround_pl.models.HFModel", "init_args": {"name_or_path": model_dir}},
-            "quant": {"method": "flexround", "weight": {"bits": 3, "granularity": "tensor"}, **quant},
-            "reconstruction": {"lr": 0.003, "batch_size": 8, "eval_batch_size": 16},
-        },
-        "data": {
-            "class_path": "flexround_pl.data.TextClassificationData",
-            "init_args": {
-                "source": "files",
-                "train_file": data["train"],
-                "eval_file": data["eval"],
-                "num_calibration": 32,
-                "max_length": 16,
-                "batch_size": 8,
-            },
-        },
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
 @pytest.mark.parametrize("method", ["flexround", "adaround", "lrq"])
-def test_fit_writes_results_and_every_block_improves(tmp_path, tiny_bert_dir, method):
+def test_fit_writes_results_and_every_block_improves(tmp_path, tiny_bert_dir, method, write_config):
     model_dir = tiny_bert_dir
     cfg = write_config(tmp_path, model_dir)
     assert main(["fit", "--config", cfg, "--model.quant.method", method]) == 0
@@ -95,7 +46,7 @@ def test_fit_writes_results_and_every_block_improves(tmp_path, tiny_bert_dir, me
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
 
 
-def test_rtn_trains_nothing_and_keeps_the_initial_loss(tmp_path, tiny_bert_dir):
+def test_rtn_trains_nothing_and_keeps_the_initial_loss(tmp_path, tiny_bert_dir, write_config):
     cfg = write_config(tmp_path, tiny_bert_dir)
     assert main(["fit", "--config", cfg, "--model.quant.method", "rtn"]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -104,7 +55,7 @@ def test_rtn_trains_nothing_and_keeps_the_initial_loss(tmp_path, tiny_bert_dir):
         assert block["loss_end"] == pytest.approx(block["loss_start"], rel=1e-5)
 
 
-def test_print_config_shows_overrides(tmp_path, tiny_bert_dir, capsys):
+def test_print_config_shows_overrides(tmp_path, tiny_bert_dir, capsys, write_config):
     cfg = write_config(tmp_path, tiny_bert_dir)
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", cfg, "--model.quant.weight.bits", "2", "--print_config"])
@@ -126,7 +77,7 @@ def test_subcommands(capsys):
 
 @pytest.mark.parametrize("evaluations, hard_loss_passes", [(2, 1), (0, 2)])
 def test_final_validation_is_reused_not_recomputed(tmp_path, tiny_bert_dir, monkeypatch, evaluations,
-                                                   hard_loss_passes):
+                                                   hard_loss_passes, write_config):
     """With validation at the last step, the driver's best-vs-last check costs no extra pass over the data."""
     from flexround_pl.reconstruct import driver
 

@@ -222,30 +222,21 @@ def test_fashion_mnist_source_cache_and_errors(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
-def _write_config(tmp_path, source: dict, max_steps: int = 6, **data) -> str:
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": max_steps,
-            "enable_progress_bar": False,
-            "default_root_dir": str(tmp_path / "run"),
-            "log_every_n_steps": 4,
-        },
-        "model": {
-            "source": source,
-            "quant": {"method": "flexround", "weight": {"bits": 3, "granularity": "tensor", "init": "minmax"}},
-            "reconstruction": {"lr": 0.01, "batch_size": 8, "eval_batch_size": 32, "evaluations": 2},
-        },
-        "data": {
-            "class_path": "flexround_pl.data.images.DigitsData",
-            "init_args": {"num_calibration": 24, "num_eval": 48, "image_size": 32, "batch_size": 8, **data},
-        },
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+@pytest.fixture()
+def write_cnn_config(write_run_config):
+    """``write_cnn_config(tmp_path, source, max_steps=6, **data)``: FlexRound W3 min-max on DigitsData."""
+
+    def write(tmp_path, source: dict, max_steps: int = 6, **data) -> str:
+        return write_run_config(
+            tmp_path, source=source,
+            quant={"method": "flexround", "weight": {"bits": 3, "granularity": "tensor", "init": "minmax"}},
+            reconstruction={"lr": 0.01, "batch_size": 8, "eval_batch_size": 32, "evaluations": 2},
+            data={"class_path": "flexround_pl.data.images.DigitsData",
+                  "init_args": {"num_calibration": 24, "num_eval": 48, "image_size": 32, "batch_size": 8, **data}},
+            max_steps=max_steps, log_every_n_steps=4,
+        )
+
+    return write
 
 
 E2E = {
@@ -284,13 +275,13 @@ def _data_bn_checkpoint(path, init_args: dict, channels: int) -> str:
 
 
 @pytest.mark.parametrize("name", list(E2E))
-def test_fit_end_to_end(tmp_path, name):
+def test_fit_end_to_end(tmp_path, name, write_cnn_config):
     init_args, block_names, head = E2E[name]
     channels = init_args.get("in_channels", 3)
     weights = _data_bn_checkpoint(tmp_path / "init.pt", init_args, channels)
     init_args = {**init_args, "weights": weights}
     source = {"class_path": "flexround_pl.models.vision.TorchvisionModel", "init_args": init_args}
-    cfg = _write_config(tmp_path, source, channels=channels)
+    cfg = write_cnn_config(tmp_path, source, channels=channels)
     assert main(["fit", "--config", cfg]) == 0
 
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -344,10 +335,10 @@ def test_fit_end_to_end(tmp_path, name):
     assert results["quantized"]["fp_agreement"] == pytest.approx((q_pred == fp_pred).float().mean().item(), abs=slack)
 
 
-def test_fit_keep_fp_layers(tmp_path):
+def test_fit_keep_fp_layers(tmp_path, write_cnn_config):
     init_args = {"arch": "resnet18", "weights": "random", "in_channels": 1}
     source = {"class_path": "flexround_pl.models.vision.TorchvisionModel", "init_args": init_args}
-    cfg = _write_config(tmp_path, source, max_steps=0, channels=1)
+    cfg = write_cnn_config(tmp_path, source, max_steps=0, channels=1)
     args = ["fit", "--config", cfg, "--model.quant.method", "rtn", "--model.quant.keep_fp", '["downsample", "^fc$"]']
     assert main(args) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -356,9 +347,9 @@ def test_fit_keep_fp_layers(tmp_path):
     assert results["outside_blocks_rtn"] == []
 
 
-def test_fit_bad_data_dir_is_a_clear_error(tmp_path, capsys):
+def test_fit_bad_data_dir_is_a_clear_error(tmp_path, capsys, write_cnn_config):
     source = {"class_path": "flexround_pl.models.vision.TorchvisionModel", "init_args": {"arch": "resnet18", "weights": "random"}}
-    cfg = _write_config(tmp_path, source)
+    cfg = write_cnn_config(tmp_path, source)
     config = yaml.safe_load(open(cfg))
     config["data"] = {
         "class_path": "flexround_pl.data.images.ImageFolderData",

@@ -10,9 +10,7 @@ from flexround_pl.cli import main
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_compare_writes_table_json_and_plots_and_reuses_finished_runs(tmp_path, tiny_bert_dir, capsys):
-    from test_cli_bert import write_config
-
+def test_compare_writes_table_json_and_plots_and_reuses_finished_runs(tmp_path, tiny_bert_dir, capsys, write_config):
     cfg = write_config(tmp_path, tiny_bert_dir)
     out = tmp_path / "cmp"
     args = ["compare", "--config", cfg, "--methods", "rtn", "flexround", "--bits", "4", "3", "--out", str(out),
@@ -44,9 +42,7 @@ def test_compare_writes_table_json_and_plots_and_reuses_finished_runs(tmp_path, 
     assert stamps == {p: os.stat(out / p / "results.json").st_mtime_ns for p in stamps}
 
 
-def test_compare_refuses_bad_methods_and_runs_made_with_other_settings(tmp_path, tiny_bert_dir, capsys):
-    from test_cli_bert import write_config
-
+def test_compare_refuses_bad_methods_and_runs_made_with_other_settings(tmp_path, tiny_bert_dir, capsys, write_config):
     cfg = write_config(tmp_path, tiny_bert_dir)
     out = tmp_path / "cmp"
     assert main(["compare", "--config", cfg, "--methods", "rtn", "magic", "--out", str(out)]) == 2

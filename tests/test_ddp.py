@@ -17,7 +17,6 @@ import sys
 import pytest
 import torch
 
-from test_cli_bert import write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +38,7 @@ def _codes(run_dir: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if k.endswith(".codes")}
 
 
-def test_two_process_ddp_matches_one_process(tmp_path, tiny_bert_dir):
+def test_two_process_ddp_matches_one_process(tmp_path, tiny_bert_dir, write_config):
     runs = {}
     for name, extra in (("one", ()), ("two", ("--trainer.devices", "2", "--trainer.strategy", "ddp"))):
         d = tmp_path / name

@@ -11,7 +11,6 @@ import torch
 from flexround_pl.cli import main
 from flexround_pl.reconstruct.cache import AUTO_DISK_FRACTION, CacheStorage, CalibrationCache, _BatchRecord
 
-from test_cli_bert import write_config
 
 
 def _codes(run_dir) -> dict[str, torch.Tensor]:
@@ -21,7 +20,7 @@ def _codes(run_dir) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if k.endswith((".codes", ".scale", ".zero_point"))}
 
 
-def test_disk_and_memory_cache_give_identical_runs(tmp_path, tiny_bert_dir):
+def test_disk_and_memory_cache_give_identical_runs(tmp_path, tiny_bert_dir, write_config):
     runs = {}
     for mode in ("memory", "disk"):
         d = tmp_path / mode

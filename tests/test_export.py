@@ -258,9 +258,8 @@ def test_cnn_export_is_a_plain_torchvision_state_dict(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory, tiny_bert_dir):
+def fitted(tmp_path_factory, tiny_bert_dir, write_config):
     """One ``fit`` on the tiny BERT (FlexRound W3): the CLI object and its config."""
-    from test_cli_bert import write_config
 
     from flexround_pl.cli import FlexRoundCLI
 

@@ -118,13 +118,13 @@ def test_init_from_gptq_only_for_methods_that_start_from_a_weight():
 
 
 def _fit(tmp_path, tiny_bert_dir, name, *overrides):
-    from tests.test_cli_bert import write_config
+    from conftest import write_classifier_config
 
     from flexround_pl.cli import main
 
     root = tmp_path / name
     root.mkdir()
-    cfg = write_config(root, tiny_bert_dir, weight={"bits": 3, "granularity": "channel", "init": "minmax"})
+    cfg = write_classifier_config(root, tiny_bert_dir, weight={"bits": 3, "granularity": "channel", "init": "minmax"})
     assert main(["fit", "--config", cfg, "--export", "false", *overrides]) == 0
     return root / "run"
 

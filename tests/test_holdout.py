@@ -62,9 +62,8 @@ def _scalars(run):
     return tags
 
 
-def test_cli_holdout_logs_the_holdout_loss_and_stops_early(tmp_path, tiny_bert_dir):
+def test_cli_holdout_logs_the_holdout_loss_and_stops_early(tmp_path, tiny_bert_dir, write_config):
     from flexround_pl.cli import main
-    from tests.test_cli_bert import write_config
 
     cfg = write_config(tmp_path, tiny_bert_dir)
     # a learning rate far too large: the held-out loss rises after the first evaluation

@@ -14,8 +14,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from test_causal_lm import SMALL, VOCAB, _write_config  # noqa: E402  (tests/ is on sys.path under pytest)
-from test_lm_data import tiny_tokenizer  # noqa: E402
+from test_causal_lm import SMALL, VOCAB  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from flexround_pl.cli import FlexRoundCLI, main
 from flexround_pl.export.checkpoint import read_quantized
@@ -37,9 +36,9 @@ def _tiny(name: str) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-def _save_sharded(name: str, path: str) -> str:
+def _save_sharded(name: str, path: str, tokenizer) -> str:
     _tiny(name).save_pretrained(path, max_shard_size="20KB")
-    tiny_tokenizer().save_pretrained(path)
+    tokenizer.save_pretrained(path)
     assert len(glob.glob(os.path.join(path, "*.safetensors"))) >= 3
     assert os.path.isfile(os.path.join(path, lazy.INDEX_FILE))
     return path
@@ -53,8 +52,8 @@ def _meta(module: torch.nn.Module) -> bool:
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_a_forward_holds_one_block_and_matches_the_eager_model(tmp_path, name):
-    path = _save_sharded(name, str(tmp_path / name))
+def test_a_forward_holds_one_block_and_matches_the_eager_model(tmp_path, name, tiny_tokenizer):
+    path = _save_sharded(name, str(tmp_path / name), tiny_tokenizer())
     eager = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
     model = lazy.load(path, "causal-lm")
     assert lazy.is_lazy(model) and not lazy.is_lazy(eager)
@@ -86,12 +85,12 @@ def test_a_forward_holds_one_block_and_matches_the_eager_model(tmp_path, name):
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
-def runs(request, tmp_path_factory):
+def runs(request, tmp_path_factory, tiny_tokenizer, write_lm_config):
     """The same config fitted eagerly and lazily; the lazy run records what is resident at every pin."""
     name = request.param
     tmp = tmp_path_factory.mktemp(f"lazy_{name}")
-    model_dir = _save_sharded(name, str(tmp / "model"))
-    cfg = _write_config(tmp, model_dir, max_steps=STEPS)
+    model_dir = _save_sharded(name, str(tmp / "model"), tiny_tokenizer())
+    cfg = write_lm_config(tmp, model_dir, max_steps=STEPS)
     assert main(["fit", "--config", cfg, "--trainer.default_root_dir", str(tmp / "eager")]) == 0
 
     loaded, pins = [], []
@@ -194,33 +193,33 @@ def test_lazy_fit_resumes_after_the_last_saved_block(runs):
 # ---------------------------------------------------------------------- bad inputs
 
 
-def _fused_moe_dir(path: str) -> str:
+def _fused_moe_dir(path: str, tokenizer) -> str:
     """A causal LM no adapter can serve: GPT-OSS's experts are fused 3-D tensors models/moe.py cannot split."""
     config = transformers.GptOssConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=2, head_dim=8,
     )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
-def _mixtral_dir(path: str) -> str:
+def _mixtral_dir(path: str, tokenizer) -> str:
     """Mixtral's experts are split into Linear layers after loading, which a lazy model cannot do."""
     config = transformers.MixtralConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=2,
     )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
-def _no_safetensors_dir(path: str) -> str:
+def _no_safetensors_dir(path: str, tokenizer) -> str:
     model = _tiny("llama")
     model.config.save_pretrained(path)
     torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"))
-    tiny_tokenizer().save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
@@ -233,9 +232,11 @@ def _no_safetensors_dir(path: str) -> str:
     ],
     ids=["no_safetensors", "no_adapter", "lazy_moe"],
 )
-def test_bad_lazy_inputs_fail_in_one_line_and_write_nothing(tmp_path, capfd, make, message):
-    model_dir = make(str(tmp_path / "model"))
-    cfg = _write_config(tmp_path, model_dir)
+def test_bad_lazy_inputs_fail_in_one_line_and_write_nothing(
+    tmp_path, capfd, make, message, tiny_tokenizer, write_lm_config
+):
+    model_dir = make(str(tmp_path / "model"), tiny_tokenizer())
+    cfg = write_lm_config(tmp_path, model_dir)
     capfd.readouterr()
     assert main(["fit", "--config", cfg, "--model.source.init_args.lazy", "true"]) == 2
     err = capfd.readouterr().err.strip().splitlines()

@@ -2,58 +2,43 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from flexround_pl.data.language_modeling import LanguageModelingData, _even_batches
 from flexround_pl.evaluate.metrics import PerplexityMetrics
 
-WORDS = (
-    "the a of and to in is was for on with as by at from river mountain city music science war king "
-    "queen north south east west alpha beta gamma delta red blue green small large old new first last"
-).split()
+@pytest.fixture()
+def write_texts(tmp_path, make_text):
+    """``write_texts()``: train / eval text files in ``tmp_path``; returns their paths."""
+
+    def write(n_train: int = 200, n_eval: int = 100) -> tuple[str, str]:
+        train, evaluation = tmp_path / "train.txt", tmp_path / "eval.txt"
+        train.write_text(make_text(n_train, 1))
+        evaluation.write_text(make_text(n_eval, 2))
+        return str(train), str(evaluation)
+
+    return write
 
 
-def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A word-level tokenizer over ``WORDS`` (vocabulary 45, unknown words -> [UNK])."""
-    vocab = {"[UNK]": 0, "[EOS]": 1, ".": 2, ",": 3}
-    for w in WORDS:
-        vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+@pytest.fixture()
+def files_data(write_texts, tiny_tokenizer):
+    """``files_data(**kw)``: a set-up ``text_files`` LanguageModelingData over ``write_texts()``."""
+
+    def build(**kw) -> LanguageModelingData:
+        train, evaluation = write_texts()
+        args = dict(source="text_files", train_file=train, eval_file=evaluation, seq_length=16, num_calibration=10)
+        args.update(kw)
+        data = LanguageModelingData(**args)
+        data.set_tokenizer(tiny_tokenizer())
+        data.setup("fit")
+        return data
+
+    return build
 
 
-def make_text(n_sentences: int, seed: int) -> str:
-    r = random.Random(seed)
-    return " ".join(
-        " ".join(r.choice(WORDS) for _ in range(r.randint(4, 12))) + r.choice([".", ","]) for _ in range(n_sentences)
-    )
-
-
-def write_texts(tmp_path, n_train: int = 200, n_eval: int = 100) -> tuple[str, str]:
-    train, evaluation = tmp_path / "train.txt", tmp_path / "eval.txt"
-    train.write_text(make_text(n_train, 1))
-    evaluation.write_text(make_text(n_eval, 2))
-    return str(train), str(evaluation)
-
-
-def files_data(tmp_path, **kw) -> LanguageModelingData:
-    train, evaluation = write_texts(tmp_path)
-    args = dict(source="text_files", train_file=train, eval_file=evaluation, seq_length=16, num_calibration=10)
-    args.update(kw)
-    data = LanguageModelingData(**args)
-    data.set_tokenizer(tiny_tokenizer())
-    data.setup("fit")
-    return data
-
-
-def test_calibration_windows_are_seeded_random_slices_of_the_training_text(tmp_path):
-    data = files_data(tmp_path, batch_size=4)
+def test_calibration_windows_are_seeded_random_slices_of_the_training_text(tmp_path, files_data, tiny_tokenizer):
+    data = files_data(batch_size=4)
     ids = torch.tensor(tiny_tokenizer()(open(data.train_file).read(), add_special_tokens=False)["input_ids"])
     cal = data.windows()["calibration"]
     assert cal.shape == (10, 16) and cal.dtype == torch.long
@@ -62,8 +47,8 @@ def test_calibration_windows_are_seeded_random_slices_of_the_training_text(tmp_p
         assert any(text[s : s + 16] == row for s in range(len(text) - 15))
     assert len({tuple(r) for r in cal.tolist()}) > 1
 
-    again = files_data(tmp_path, batch_size=4).windows()["calibration"]
-    other = files_data(tmp_path, batch_size=4, seed=1).windows()["calibration"]
+    again = files_data(batch_size=4).windows()["calibration"]
+    other = files_data(batch_size=4, seed=1).windows()["calibration"]
     assert torch.equal(cal, again) and not torch.equal(cal, other)
 
     batches = list(data.calibration_dataloader())
@@ -73,8 +58,8 @@ def test_calibration_windows_are_seeded_random_slices_of_the_training_text(tmp_p
     assert torch.equal(torch.cat([b["input_ids"] for b in batches]), cal)
 
 
-def test_eval_windows_are_consecutive_non_overlapping_and_capped(tmp_path):
-    data = files_data(tmp_path, eval_batch_size=3)
+def test_eval_windows_are_consecutive_non_overlapping_and_capped(tmp_path, files_data, tiny_tokenizer):
+    data = files_data(eval_batch_size=3)
     ids = torch.tensor(tiny_tokenizer()(open(data.eval_file).read(), add_special_tokens=False)["input_ids"])
     ev = data.windows()["eval"]
     n = len(ids) // 16
@@ -85,12 +70,12 @@ def test_eval_windows_are_consecutive_non_overlapping_and_capped(tmp_path):
     assert torch.equal(torch.cat([b["input_ids"] for b in batches]), ev)
     assert list(data.test_dataloader())[0]["input_ids"].shape == (3, 16)
 
-    capped = files_data(tmp_path, num_eval_windows=2)
+    capped = files_data(num_eval_windows=2)
     assert torch.equal(capped.windows()["eval"], ev[:2])
 
 
-def test_metrics_is_perplexity_and_uniform_logits_give_the_vocabulary_size(tmp_path):
-    data = files_data(tmp_path, eval_batch_size=4)
+def test_metrics_is_perplexity_and_uniform_logits_give_the_vocabulary_size(tmp_path, files_data):
+    data = files_data(eval_batch_size=4)
     metrics = data.metrics()
     assert isinstance(metrics, PerplexityMetrics) and data.task == "language-modeling" and data.num_labels is None
     for batch in data.val_dataloader():
@@ -123,20 +108,20 @@ def test_bad_arguments_raise_clear_value_errors(kwargs, message):
         LanguageModelingData(**kwargs)
 
 
-def test_text_shorter_than_one_window_is_a_clear_error(tmp_path):
+def test_text_shorter_than_one_window_is_a_clear_error(tmp_path, files_data):
     with pytest.raises(ValueError, match=r"training text .* fewer than one window of seq_length=100000"):
-        files_data(tmp_path, seq_length=100_000)
+        files_data(seq_length=100_000)
 
 
-def test_setup_without_tokenizer_is_a_clear_error(tmp_path):
-    train, evaluation = write_texts(tmp_path)
+def test_setup_without_tokenizer_is_a_clear_error(tmp_path, write_texts):
+    train, evaluation = write_texts()
     data = LanguageModelingData(source="text_files", train_file=train, eval_file=evaluation, seq_length=16)
     with pytest.raises(ValueError, match="no tokenizer"):
         data.setup("fit")
 
 
 @pytest.mark.parametrize("source", ["wikitext2", "ptb"])
-def test_hub_sources_fail_offline_with_one_clear_line(source, monkeypatch):
+def test_hub_sources_fail_offline_with_one_clear_line(source, monkeypatch, tiny_tokenizer):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     data = LanguageModelingData(source=source, seq_length=16)
@@ -146,7 +131,7 @@ def test_hub_sources_fail_offline_with_one_clear_line(source, monkeypatch):
     assert "\n" not in str(info.value)
 
 
-def test_wiki_summaries_calibrate_on_articles_disjoint_from_the_eval_articles():
+def test_wiki_summaries_calibrate_on_articles_disjoint_from_the_eval_articles(tiny_tokenizer):
     from flexround_pl.data.offline import load_wiki_summaries, wiki_split
 
     data = LanguageModelingData(source="wiki_summaries", seq_length=64, num_calibration=4, num_eval_windows=3)

@@ -307,11 +307,10 @@ def test_config_validation():
 
 
 @pytest.mark.parametrize("mode,rounding", MODES)
-def test_cli_nupes(tmp_path, tiny_bert_dir, mode, rounding):
+def test_cli_nupes(tmp_path, tiny_bert_dir, mode, rounding, write_config):
     import json
 
     from conftest import hf_classifier_metrics
-    from test_cli_bert import write_config
 
     from flexround_pl.cli import main
 

@@ -82,10 +82,8 @@ def test_heartbeat_beats_while_a_call_runs(monkeypatch):
     assert sum("still running" in line for line in lines) >= 3
 
 
-def test_fit_in_a_log_file_speaks_within_5_seconds_and_reports_every_long_step(tmp_path, tiny_bert_dir):
+def test_fit_in_a_log_file_speaks_within_5_seconds_and_reports_every_long_step(tmp_path, tiny_bert_dir, write_config):
     """``python -m flexround_pl fit > log``: a first line at once, then progress lines of each step."""
-    from test_cli_bert import write_config
-
     cfg = write_config(tmp_path, tiny_bert_dir)
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "FLEXROUND_PL_PROGRESS_INTERVAL": "1", "OMP_NUM_THREADS": "1"}

@@ -145,10 +145,9 @@ def test_qdrop_p_default_and_validation():
         ReconstructionConfig(qdrop_p=1.5)
 
 
-def test_cli_flexround_with_8bit_activations_and_qdrop(tmp_path, tiny_bert_dir):
+def test_cli_flexround_with_8bit_activations_and_qdrop(tmp_path, tiny_bert_dir, write_config):
     import json
 
-    from test_cli_bert import write_config
 
     from flexround_pl.cli import main
 

@@ -226,3 +226,27 @@ def test_module_aliased_under_one_parent_is_swapped_everywhere():
     names = quantize_modules(parent, _cfg("rtn"))
     assert names == ["proj", "alias"]
     assert parent.proj is parent.alias and isinstance(parent.alias, QuantizedLayer)
+
+
+@pytest.mark.parametrize("case", ["linear", "conv", "conv1d"])
+def test_for_loading_builds_no_quantizer_and_loads_any_methods_codes(case, monkeypatch):
+    """The load-only wrapper (resume, checkpoints) starts with empty codes / scale / zero point and builds
+    no quantizer, so no grid search runs; loading a hardened FlexRound layer's state makes it that layer."""
+    import flexround_pl.quant.layers as layers
+
+    fp, x = _cases()[case]
+    saved = WRAPPER[type(fp)].from_float(fp, _cfg("flexround", bits=4, granularity="channel"))
+    with torch.no_grad():
+        saved.quantizer.log_S2.add_(0.3 * torch.randn_like(saved.quantizer.log_S2))
+    saved.harden()
+
+    def no_quantizer(*args, **kwargs):
+        raise AssertionError("for_loading() built a quantizer")
+
+    monkeypatch.setattr(layers, "build_quantizer", no_quantizer)
+    shell = WRAPPER[type(fp)].for_loading(fp, _cfg("rtn", bits=4, granularity="channel"))
+    assert shell.quantizer is None and shell.codes.numel() == 0 and shell.scale.numel() == 0
+    assert set(shell.state_dict()) == set(saved.state_dict())
+    shell.load_state_dict(saved.state_dict())
+    assert not shell.awaiting_load and shell.codes.dtype == saved.codes.dtype
+    assert torch.equal(shell.codes, saved.codes) and torch.equal(shell(x), saved(x))

@@ -25,12 +25,13 @@ def _greedy(model, tokenizer, prompt: str, steps: int) -> str:
     return tokenizer.decode(ids[0, start:], skip_special_tokens=True)
 
 
-def test_causal_lm_fit_reports_fp_and_quantized_greedy_text_side_by_side(tmp_path, capsys):
+def test_causal_lm_fit_reports_fp_and_quantized_greedy_text_side_by_side(tmp_path, capsys, tiny_tokenizer,
+                                                                         write_lm_config):
     from flexround_pl.cli import main
-    from test_causal_lm import _save_tiny, _write_config
+    from test_causal_lm import _save_tiny
 
-    model_dir = _save_tiny("llama", tmp_path)
-    assert main(["fit", "--config", _write_config(tmp_path, model_dir, max_steps=5)]) == 0
+    model_dir = _save_tiny("llama", tmp_path, tiny_tokenizer())
+    assert main(["fit", "--config", write_lm_config(tmp_path, model_dir, max_steps=5)]) == 0
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "run" / "results.json").read_text())
 

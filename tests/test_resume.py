@@ -38,9 +38,7 @@ class SlowSteps(L.Callback):
 '''
 
 
-def _config(tmp_path, model_dir: str, **trainer) -> str:
-    from test_cli_bert import write_config
-
+def _config(write_config, tmp_path, model_dir: str, **trainer) -> str:
     path = write_config(tmp_path, model_dir)
     config = yaml.safe_load(open(path))
     config["trainer"].update(max_steps=STEPS, **trainer)
@@ -60,10 +58,10 @@ def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_bert_dir):
+def reference(tmp_path_factory, tiny_bert_dir, write_config):
     """An uninterrupted run (in process): config path and run directory."""
     tmp = tmp_path_factory.mktemp("reference")
-    cfg = _config(tmp, tiny_bert_dir)
+    cfg = _config(write_config, tmp, tiny_bert_dir)
     assert main(["fit", "--config", cfg]) == 0
     return cfg, tmp / "run"
 
@@ -77,12 +75,12 @@ def _env(extra_path: str) -> dict[str, str]:
 
 
 def test_sigkill_mid_block_then_rerun_resumes_and_gives_bitwise_identical_codes(
-    tmp_path, tiny_bert_dir, reference, monkeypatch, capfd
+    tmp_path, tiny_bert_dir, reference, monkeypatch, capfd, write_config
 ):
     """``python -m flexround_pl fit`` killed in block 1, then the same command again (in process, to save
     an interpreter start): block 0 is reloaded, block 1 redone, the codes equal an uninterrupted run's."""
     (tmp_path / "slow_steps.py").write_text(SLOW_STEPS)
-    cfg = _config(tmp_path, tiny_bert_dir, callbacks=[{"class_path": "slow_steps.SlowSteps",
+    cfg = _config(write_config, tmp_path, tiny_bert_dir, callbacks=[{"class_path": "slow_steps.SlowSteps",
                                                        "init_args": {"seconds": 0.05}}])
     run = tmp_path / "run"
     state_file = run / "resume" / "state.json"
@@ -272,10 +270,10 @@ def test_a_run_directory_in_use_is_refused_and_a_killed_holders_lock_is_taken_ov
     _assert_bitwise_equal(_codes(run), _codes(ref_run))
 
 
-def test_two_runs_started_at_once_into_one_directory_cannot_mix_their_blocks(tmp_path, tiny_bert_dir):
+def test_two_runs_started_at_once_into_one_directory_cannot_mix_their_blocks(tmp_path, tiny_bert_dir, write_config):
     """The issue-17 race: bits 4 and bits 3 started together in one run directory. One runs; the other
     stops with one line (the directory is in use, or holds the other configuration) and writes nothing."""
-    cfg = _config(tmp_path, tiny_bert_dir)
+    cfg = _config(write_config, tmp_path, tiny_bert_dir)
     run = tmp_path / "run"
     env = _env(str(tmp_path))
     procs = {}
@@ -397,4 +395,34 @@ def test_a_full_disk_gives_one_line_naming_the_directory_and_the_run_resumes(
     monkeypatch.undo()  # space freed
     assert main(_fit_args(cfg, run)) == 0
     assert json.loads((run / "results.json").read_text())["resumed_blocks"] == (0 if where == "block" else 2)
+    _assert_bitwise_equal(_codes(run), _codes(ref_run))
+
+
+def test_ctrl_c_inside_a_blocks_training_prints_the_same_line_and_the_run_resumes(
+    tmp_path, reference, monkeypatch, capfd
+):
+    """Lightning turns Ctrl-C inside ``trainer.fit`` into ``sys.exit(1)`` after its own message."""
+    import signal
+
+    from flexround_pl.reconstruct.module import BlockReconstruction
+
+    cfg, ref_run = reference
+    run = tmp_path / "run"
+    original = BlockReconstruction.training_step
+
+    def ctrl_c(self, batch, batch_idx):
+        if self.tag == "block_01" and self.global_step == 3:
+            raise KeyboardInterrupt
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(BlockReconstruction, "training_step", ctrl_c)
+    capfd.readouterr()
+    assert main(_fit_args(cfg, run)) == 130
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "flexround_pl: interrupted: the finished blocks are saved")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
+    monkeypatch.setattr(BlockReconstruction, "training_step", original)
+    assert main(_fit_args(cfg, run)) == 0
+    assert json.loads((run / "results.json").read_text())["resumed_blocks"] == 1
     _assert_bitwise_equal(_codes(run), _codes(ref_run))

@@ -12,7 +12,7 @@ import yaml
 from flexround_pl.data.webnlg import DataToTextData, Entry, linearize, read_webnlg
 from flexround_pl.evaluate.generation import GenerationMetrics, GenerationSettings
 
-from test_lm_data import tiny_tokenizer  # noqa: E402
+from conftest import new_tiny_tokenizer as tiny_tokenizer  # noqa: E402
 
 #: five entries, words from the tiny tokenizer's vocabulary; (triples, references)
 ENTRIES = [
@@ -163,7 +163,7 @@ def test_bleu_of_a_fixed_pair_equals_the_hand_computation():
     assert scores["bleu"] == pytest.approx(expected, rel=1e-5)  # 42.77
     # TER: 1 substitution (north -> south) + 3 insertions over 12 reference words
     assert scores["ter"] == pytest.approx(100 * 4 / 12, rel=1e-5)
-    sacrebleu = pytest.importorskip("sacrebleu")
+    import sacrebleu  # the eval extra
     assert sacrebleu.corpus_bleu([hypothesis], [[reference]], smooth_method="none").score == pytest.approx(expected)
 
 
@@ -206,7 +206,7 @@ def test_fit_reports_the_bleu_of_greedy_generations_for_fp_and_quantized(tmp_pat
     """BLEU on a 5-example file; the FP number equals SacreBLEU on a hand-decoded greedy output."""
     from flexround_pl.cli import main
 
-    sacrebleu = pytest.importorskip("sacrebleu")
+    import sacrebleu  # the eval extra
     tok, fp = tiny_tokenizer(), varied_gpt2(tmp_path / "gpt2")
     steps = 6
     hyps = [tok.decode(_greedy(fp, tok(linearize(e.triples) + " =", add_special_tokens=False)["input_ids"], steps,
@@ -266,10 +266,12 @@ def test_the_hub_source_offline_is_one_clear_error(monkeypatch):
         data.setup("fit")
 
 
-@pytest.mark.parametrize("num_beams", [1, 3])
-def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tmp_path, num_beams):
+@pytest.mark.parametrize("family, num_beams", [("gpt2", 1), ("gpt2", 3), ("llama", 1), ("llama", 3)])
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tmp_path, family, num_beams):
     """Left padding must not change what is generated (position ids follow the mask), greedy and beam."""
-    model = varied_gpt2()
+    from test_causal_lm import tiny_causal_lm
+
+    model = varied_gpt2() if family == "gpt2" else tiny_causal_lm("llama")
     data = _data(tmp_path, eval_batch_size=5, num_beams=num_beams, max_new_tokens=5)
     metrics = data.metrics()
     (batch,) = list(data.val_dataloader())
@@ -279,3 +281,33 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tmp_path, nu
         ids = ids[mask.bool()][None]
         single += metrics.generate(model, ids, torch.ones_like(ids))
     assert batched == single and any(batched)
+
+
+def test_llama_with_per_token_8bit_activations_fits_and_validate_reproduces_its_bleu(tmp_path):
+    """Generation through quantized activations and the KV cache; the saved checkpoint generates the same."""
+    from flexround_pl.cli import FlexRoundCLI, main
+    from conftest import new_tiny_tokenizer
+    from test_causal_lm import _save_tiny
+
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path / "run"), "logger": False},
+        "model": {
+            "source": {"class_path": "flexround_pl.models.HFModel",
+                       "init_args": {"name_or_path": _save_tiny("llama", tmp_path, new_tiny_tokenizer()), "task": "causal-lm"}},
+            "quant": {"weight": {"bits": 4, "granularity": "channel"},
+                      "activation": {"bits": 8, "granularity": "token"}},
+            "reconstruction": {"batch_size": 2, "eval_batch_size": 4, "evaluations": 1},
+        },
+        "data": {"class_path": "flexround_pl.data.webnlg.DataToTextData", "init_args": {
+            "source": "files", "train_file": write_xml(tmp_path / "train.xml"),
+            "eval_file": write_hub_rows(tmp_path / "eval.jsonl"), "max_length": 24, "num_calibration": 6,
+            "batch_size": 3, "eval_batch_size": 2, "max_new_tokens": 5, "num_beams": 2}},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(tmp_path / "c.yaml")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["quantized"]) == {"bleu", "ter", "fp_agreement"}
+    val = FlexRoundCLI(args=["validate", "--config", str(tmp_path / "run" / "config.yaml")])
+    assert val.results["quantized"] == results["quantized"]

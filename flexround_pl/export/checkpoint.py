@@ -278,13 +278,9 @@ def read_quantized(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
 # ----------------------------------------------------------------------------- load into a network
 
 
-def _skeleton_config(info: dict[str, Any], quant: Optional[Any]) -> Any:
-    """A cheap quantization config that builds the right wrapper for layer ``info``.
-
-    Round-to-nearest on a min-max grid (no search, no learnable scales): the
-    wrapper is only a shell that the state dict then hardens with the stored
-    codes, scales, zero points (and NUPES exponent), whatever method made them.
-    """
+def _stored_layer_config(info: dict[str, Any], quant: Optional[Any]) -> Any:
+    """The grid and activation settings layer ``info`` was saved with, for
+    :meth:`~flexround_pl.quant.layers.QuantizedLayer.for_loading` (the method does not matter)."""
     from flexround_pl.quant.config import GridConfig, QuantConfig
 
     base = quant if quant is not None else QuantConfig()
@@ -293,9 +289,8 @@ def _skeleton_config(info: dict[str, Any], quant: Optional[Any]) -> Any:
         symmetric=info["symmetric"],
         granularity=info["granularity"],
         group_size=info["group_size"],
-        init="minmax",
     )
-    changes: dict[str, Any] = {"method": "rtn", "init_from": "rtn", "weight": grid}
+    changes: dict[str, Any] = {"weight": grid}
     activation = getattr(base, "activation", None)
     if activation is not None:
         changes["activation"] = dataclasses.replace(
@@ -334,7 +329,7 @@ def apply_quantized(
                 f"{info['fp_shape']} in the checkpoint (another model?)"
             )
         if id(module) not in wrappers:
-            wrappers[id(module)] = cls.from_float(module, _skeleton_config(info, quant))
+            wrappers[id(module)] = cls.for_loading(module, _stored_layer_config(info, quant))
     for name in meta["layers"]:
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else net, child, wrappers[id(modules[name])])

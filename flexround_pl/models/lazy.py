@@ -196,7 +196,8 @@ def _load_params(root: nn.Module, keys: dict[str, str], shards: Shards, device: 
 
 
 def _hardened(block: nn.Module) -> list[QuantizedLayer]:
-    return [m for m in block.modules() if isinstance(m, QuantizedLayer) and m.hardened]
+    # a for_loading() wrapper has no codes yet: nothing to dequantize before its load
+    return [m for m in block.modules() if isinstance(m, QuantizedLayer) and m.hardened and not m.awaiting_load]
 
 
 def _materialize_block(block: nn.Module, state: _Block, device: torch.device) -> None:

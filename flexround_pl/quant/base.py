@@ -3,8 +3,11 @@
 A quantizer owns the :class:`UniformGrid` of one weight tensor plus its own
 learnable parameters (FlexRound's scales, AdaRound's ``V``). It never stores
 the weight: ``forward(weight)`` returns the fake-quantized fp32 weight,
-``codes(weight)`` the hard integers. Dequantization convention, in the grid
-view: ``w_hat = s1 * (codes - zero_point)``.
+``codes(weight)`` the hard codes. Two names, two things: ``integers`` are
+float tensors holding integer values (soft during training, in the grid view,
+differentiable); ``codes`` are integer-dtype tensors (hard, the weight's shape)
+and what a hardened layer stores. Dequantization convention, in the grid
+view: ``w_hat = s1 * (q - zero_point)`` for either.
 
 Methods are a registry (torchao's pattern): each quantizer module calls
 :func:`register` once with a builder, :func:`build_quantizer` looks the name
@@ -79,7 +82,7 @@ class WeightQuantizer(nn.Module):
         return self.grid.log_scale
 
     def integers(self, weight: Tensor, hard: bool) -> Tensor:
-        """Float-valued integer codes in ``[qmin, qmax]`` in the grid view."""
+        """Float tensor of integer values in ``[qmin, qmax]``, grid view (not ``codes``: no int dtype)."""
         raise NotImplementedError
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -90,7 +93,7 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def codes(self, weight: Tensor) -> Tensor:
-        """Hard integer codes (int16), ``weight``'s shape, inside ``[qmin, qmax]``."""
+        """Hard codes: ``integers(weight, hard=True)`` as int16, ``weight``'s shape, inside ``[qmin, qmax]``."""
         q = self.integers(weight, True)
         return self.grid.ungroup(q, weight.shape).to(torch.int16)
 

@@ -18,7 +18,8 @@ for Linear / Conv2d and ``[out, in]`` (transposed) for ``Conv1D``. Dequantize in
 the grid view: ``scale * (codes - zero_point)``; :meth:`dequantize` does it.
 
 Loading a hardened state dict into a freshly wrapped (not hardened) layer
-hardens it on the fly from the stored codes.
+hardens it on the fly from the stored codes; :meth:`QuantizedLayer.for_loading`
+builds the wrapper to load into without building a quantizer at all.
 
 Non-uniform grids (NUPES) also keep ``exponent`` (a float32 scalar buffer):
 :meth:`dequantize` then returns ``sign(u) * |u|^(1 / exponent)`` with
@@ -33,6 +34,7 @@ hardening.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -54,18 +56,28 @@ class QuantizedLayer(nn.Module):
     quantizer: Optional[WeightQuantizer]
     grid_cfg: GridConfig
 
-    def __init__(self, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None):
+    def __init__(self, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None, load_only: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(module.weight.detach(), requires_grad=False)
         bias = getattr(module, "bias", None)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.fp_dtype = module.weight.dtype
-        grid_weight = self._grid_weight()
-        self.grid_shape = tuple(grid_weight.shape)
-        self.fp_shape = tuple(self.weight.shape)
-        self.quantizer = build_quantizer(grid_weight, cfg, self.is_conv, bits)
-        self.grid_cfg = self.quantizer.grid.cfg
-        self.hardened = False
+        self.fp_shape = tuple(module.weight.shape)
+        self.grid_shape = self.fp_shape[::-1] if self.transposed else self.fp_shape
+        if load_only:  # see for_loading(): no quantizer, empty hardened buffers
+            self.quantizer = None
+            self.grid_cfg = cfg.weight if bits is None else dataclasses.replace(cfg.weight, bits=bits)
+            code_dtype = torch.int8 if self.grid_cfg.symmetric else torch.uint8
+            device = module.weight.device
+            self.register_buffer("codes", torch.empty(0, dtype=code_dtype, device=device))
+            self.register_buffer("scale", torch.empty(0, device=device))
+            self.register_buffer("zero_point", torch.empty(0, device=device))
+            self.register_buffer("weight", torch.empty(0, dtype=self.fp_dtype, device=device), persistent=False)
+            self.hardened, self.awaiting_load = True, True
+        else:
+            self.weight = nn.Parameter(module.weight.detach(), requires_grad=False)
+            self.quantizer = build_quantizer(self._grid_weight(), cfg, self.is_conv, bits)
+            self.grid_cfg = self.quantizer.grid.cfg
+            self.hardened, self.awaiting_load = False, False
         a_bits = cfg.activation.bits
         if a_bits is not None and bits is not None:
             a_bits = max(a_bits, bits)  # first / last layer: input at 8 bits too
@@ -77,6 +89,17 @@ class QuantizedLayer(nn.Module):
     @classmethod
     def from_float(cls, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None):
         return cls(module, cfg, bits)
+
+    @classmethod
+    def for_loading(cls, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None):
+        """A hardened wrapper of ``module`` whose ``codes`` / ``scale`` / ``zero_point`` are empty until
+        ``load_state_dict`` fills them (a saved block, a quantized checkpoint).
+
+        Builds no quantizer (no grid search, no learnable parameters): only
+        ``cfg.weight``'s grid layout (bits, symmetric, granularity, group size;
+        ``bits`` overrides) and ``cfg.activation`` matter, whatever method made the codes.
+        """
+        return cls(module, cfg, bits, load_only=True)
 
     # ---- weights ------------------------------------------------------------
     def _grid_weight(self) -> Tensor:
@@ -117,9 +140,9 @@ class QuantizedLayer(nn.Module):
         self, codes: Tensor, scale: Tensor, zero_point: Tensor, exponent: Optional[Tensor] = None
     ) -> None:
         device = self.weight.device
-        del self.quantizer
         self.quantizer = None
-        del self.weight  # the FP parameter
+        del self.weight  # the FP parameter (or the empty buffer of for_loading())
+        self.awaiting_load = False
         code_dtype = torch.int8 if self.grid_cfg.symmetric else torch.uint8
         self.register_buffer("codes", codes.to(device=device, dtype=code_dtype))
         self.register_buffer("scale", scale.to(device=device, dtype=torch.float32))
@@ -136,7 +159,7 @@ class QuantizedLayer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a hardened checkpoint loaded into a fresh wrapper: become hardened first
         key = prefix + "codes"
-        if not self.hardened and key in state_dict:
+        if (not self.hardened or self.awaiting_load) and key in state_dict:
             self._set_hardened(
                 state_dict[key].clone(),
                 state_dict[prefix + "scale"].clone(),
@@ -173,8 +196,8 @@ class QuantizedLayer(nn.Module):
 class QuantLinear(QuantizedLayer):
     """Quantized ``nn.Linear``: ``y = x W_hat^T + b``."""
 
-    def __init__(self, module: nn.Linear, cfg: QuantConfig, bits: Optional[int] = None):
-        super().__init__(module, cfg, bits)
+    def __init__(self, module: nn.Linear, cfg: QuantConfig, bits: Optional[int] = None, load_only: bool = False):
+        super().__init__(module, cfg, bits, load_only)
         self.in_features, self.out_features = module.in_features, module.out_features
 
     def forward(self, x: Tensor) -> Tensor:
@@ -188,8 +211,8 @@ class QuantConv2d(QuantizedLayer):
 
     is_conv = True
 
-    def __init__(self, module: nn.Conv2d, cfg: QuantConfig, bits: Optional[int] = None):
-        super().__init__(module, cfg, bits)
+    def __init__(self, module: nn.Conv2d, cfg: QuantConfig, bits: Optional[int] = None, load_only: bool = False):
+        super().__init__(module, cfg, bits, load_only)
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
                      "dilation", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
             setattr(self, name, getattr(module, name))
@@ -213,8 +236,8 @@ class QuantConv1D(QuantizedLayer):
 
     transposed = True
 
-    def __init__(self, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None):
-        super().__init__(module, cfg, bits)
+    def __init__(self, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None, load_only: bool = False):
+        super().__init__(module, cfg, bits, load_only)
         self.nf, self.nx = module.nf, module.nx
 
     def forward(self, x: Tensor) -> Tensor:

@@ -51,6 +51,7 @@ def quantize_modules(
     keep_fp: Sequence[str] = (),
     eight_bit: Sequence[str] = (),
     prefix: str = "",
+    load_only: bool = False,
 ) -> list[str]:
     """Swap every Linear / Conv2d / HF Conv1D under ``root`` in place.
 
@@ -58,7 +59,8 @@ def quantize_modules(
     when ``prefix == ''``) matches (``re.search``) a regex of ``keep_fp`` or
     ``cfg.keep_fp`` stays FP; one matching ``eight_bit`` gets 8 bits.
     ``cfg.method`` picks the quantizer. A module shared by several parents
-    gets one shared wrapper. Returns the qualified names swapped.
+    gets one shared wrapper. ``load_only``: empty hardened wrappers to load
+    saved codes into (:meth:`QuantizedLayer.for_loading`). Returns the qualified names swapped.
     """
     keep = [re.compile(p) for p in (*keep_fp, *cfg.keep_fp)]
     eight = [re.compile(p) for p in eight_bit]
@@ -78,7 +80,7 @@ def quantize_modules(
                 if cls is None or any(p.search(name) for p in keep):
                     continue
                 bits = 8 if any(p.search(name) for p in eight) else None
-                wrappers[id(child)] = cls.from_float(child, cfg, bits=bits)
+                wrappers[id(child)] = (cls.for_loading if load_only else cls.from_float)(child, cfg, bits=bits)
             setattr(parent, child_name, wrappers[id(child)])
             swapped.append(name)
     return swapped

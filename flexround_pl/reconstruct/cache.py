@@ -298,14 +298,31 @@ class _BatchRecord:
         return all(_same(a, b) for a, b in zip(self.distinct.values, other.distinct.values))
 
 
+def _without_hidden(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A block call with its hidden states dropped (only block 0's are kept: no batch copy per layer)."""
+    if args:
+        return (None, *args[1:]), kwargs
+    return (), {**kwargs, "hidden_states": None}
+
+
+def _structure(output: Any) -> Any:
+    """What a pass-through must return in place of ``output``: ``None`` for a tensor, else its tail."""
+    if isinstance(output, Tensor):
+        return None
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return type(output), tuple(output[1:])
+    return _StopForward  # unknown structure: no pass-through
+
+
 def _pass_through(structure: Any) -> Callable[..., Any]:
     """A block forward returning its input hidden states in the structure the real block returns."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         h = _split_call(args, kwargs)[0]
-        if isinstance(structure, Tensor):
+        if structure is None:
             return h
-        return type(structure)((h, *structure[1:]))
+        kind, tail = structure
+        return kind((h, *tail))
 
     return forward
 
@@ -332,27 +349,29 @@ class _BlockCallRecorder:
 
     def real(self, run_model: Callable[[dict[str, Tensor]], Any], inputs: dict[str, Tensor]) -> list[tuple[tuple, dict]]:
         """The real blocks run; checks that each block's output is the next block's input."""
-        self.calls, outputs = [], []
+        self.calls, self.structures = [], []
+        previous: list[Any] = [None]  # the last block output (for the chaining check), not all of them
         last = len(self.blocks) - 1
 
         def pre(i: int) -> Callable:
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 if i > 0:
-                    h, prev = _split_call(args, kwargs)[0], block_output(outputs[i - 1])
+                    h, prev = _split_call(args, kwargs)[0], block_output(previous[0])
                     if not _same(h, prev):
                         raise ValueError(
                             f"block {i + 1}'s input is not block {i}'s output: the model transforms the hidden "
                             "states between its blocks, which block-wise reconstruction cannot reproduce; "
                             "this architecture needs its own adapter in flexround_pl/models/"
                         )
-                self.calls.append((args, kwargs))
+                self.calls.append((args, kwargs) if i == 0 else _without_hidden(args, kwargs))
                 if len(self.blocks) == 1:
                     raise _StopForward  # a single block: its input is all that is needed
             return hook
 
         def post(i: int) -> Callable:
             def hook(module: nn.Module, args: tuple, output: Any) -> None:
-                outputs.append(output)
+                previous[0] = output
+                self.structures.append(_structure(output))
                 if i == last:
                     raise _StopForward
             return hook
@@ -360,23 +379,19 @@ class _BlockCallRecorder:
         handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
         handles += [b.register_forward_hook(post(i)) for i, b in enumerate(self.blocks)]
         self._run(run_model, inputs, handles)
-        self.structures = outputs
         return self.calls
 
     def passing_through(
         self, run_model: Callable[[dict[str, Tensor]], Any], inputs: dict[str, Tensor]
     ) -> Optional[list[tuple[tuple, dict]]]:
         """Every block replaced by a recording pass-through (its hooks still run); None if not possible."""
-        if len(self.structures) != len(self.blocks) or not all(
-            isinstance(s, Tensor) or (isinstance(s, (tuple, list)) and s and isinstance(s[0], Tensor))
-            for s in self.structures
-        ):
+        if len(self.structures) != len(self.blocks) or any(s is _StopForward for s in self.structures):
             return None
         self.calls = []
 
         def recording(forward: Callable) -> Callable:
             def call(*args: Any, **kwargs: Any) -> Any:
-                self.calls.append((args, kwargs))
+                self.calls.append((args, kwargs) if not self.calls else _without_hidden(args, kwargs))
                 return forward(*args, **kwargs)
             return call
 

@@ -99,11 +99,6 @@ def _check_finite(loss: float, index: int, total: int, name: str, step: int, lr:
         raise DivergenceError(divergence_message(index, total, name, step, loss, "", lr))
 
 
-def _shell_config(quant: QuantConfig) -> QuantConfig:
-    """Cheapest config that builds a block's wrappers for loading saved hardened state into them."""
-    return quant.as_rtn(weight=dataclasses.replace(quant.weight, init="minmax"))
-
-
 @dataclass
 class BlockResult:
     name: str
@@ -220,7 +215,7 @@ def _reload_finished_block(
     quant: QuantConfig, keep_fp: tuple[str, ...], eight_bit: tuple[str, ...], device: torch.device, batch_size: int,
 ) -> BlockResult:
     """Block ``index`` was finished by an earlier run: load its hardened state and push the cache through it."""
-    quantize_modules(block, _shell_config(quant), keep_fp=keep_fp, eight_bit=eight_bit, prefix=name)
+    quantize_modules(block, quant, keep_fp=keep_fp, eight_bit=eight_bit, prefix=name, load_only=True)
     state.load_block(index, block)
     block.to(device)
     cache.advance(block, device, batch_size)

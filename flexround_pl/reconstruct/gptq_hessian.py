@@ -35,15 +35,22 @@ def uses_layer_hessians(quant: QuantConfig) -> bool:
     return method_spec(quant.method).uses_hessian or quant.init_from == "gptq"
 
 
+def unsupported_by_gptq(module: nn.Module) -> Optional[str]:
+    """Why GPTQ cannot take ``module``'s input Hessian (``None`` if it can); checked in preflight."""
+    if isinstance(module, nn.Conv2d) and (
+        module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
+    ):
+        return (f"Conv2d with groups={module.groups}, padding={module.padding!r}, padding_mode={module.padding_mode!r} "
+                "(GPTQ here needs groups=1 and integer zero padding)")
+    return None
+
+
 def _layer_rows(module: nn.Module, x: Tensor, mask: Optional[Tensor]) -> Tensor:
     """The rows of ``X^T`` one forward contributes: ``[rows, C_in]`` in the grid's input layout."""
     if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ValueError(
-                f"GPTQ supports Conv2d with groups=1, zero padding and integer padding; got groups={module.groups}, "
-                f"padding={module.padding!r}, padding_mode={module.padding_mode!r}: keep this layer FP (keep_fp) "
-                "or use another method"
-            )
+        why = unsupported_by_gptq(module)
+        if why is not None:
+            raise ValueError(f"GPTQ: {why}: keep this layer FP (model.quant.keep_fp) or use another method")
         cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # [B, C*k*k, L]
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
