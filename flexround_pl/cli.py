@@ -28,6 +28,9 @@ Subcommands and what they leave in the run directory (``trainer.default_root_dir
 * ``export``: write the ``--export.formats`` of a finished run from its
   ``quantized.safetensors`` into ``DIR/export/<format>/`` without quantizing
   again (a format that cannot hold the run's scheme: one line, exit 2, nothing written).
+* ``compare``: ``fit`` for each ``--methods`` x ``--bits`` (finished runs
+  reused), then ``compare.md``, ``compare.json`` and PNG plots
+  (:mod:`flexround_pl.compare`).
 * ``validate`` / ``test``: load ``quantized.safetensors`` of the run directory
   (or ``--ckpt_path FILE``) into the config's model and print FP vs quantized
   metrics on the data module's validation / test loader; the quantized metric
@@ -49,7 +52,7 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from flexround_pl import pipeline, rundir
+from flexround_pl import pipeline, progress, rundir
 from flexround_pl.config_files import check_config_files
 from flexround_pl.data.base import PTQDataModule
 from flexround_pl.evaluate.lm_eval import EvalConfig, LmEvalConfig, LmEvalRunner
@@ -255,6 +258,11 @@ class FlexRoundCLI(LightningCLI):
 
 
 def main(args: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "compare":  # several fit runs and one report: flexround_pl/compare.py
+        from flexround_pl.compare import main as compare
+
+        return compare(argv[1:])
     try:
         check_config_files(sys.argv[1:] if args is None else args)
         FlexRoundCLI(args=args)
@@ -274,6 +282,8 @@ def main(args: Optional[list[str]] = None) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning left SIGINT ignored
             return _interrupted()
         raise
+    finally:
+        progress.stop_all()  # a step's heartbeat thread left running by an error
     return 0
 
 

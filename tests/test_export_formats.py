@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import numpy as np
 import pytest
@@ -281,7 +280,7 @@ ALL = "[fake_quant, gptq, awq, compressed_tensors, gguf]"
 
 
 def test_fit_writes_every_format_and_export_rewrites_them_from_the_checkpoint(llama_config, capfd):
-    from flexround_pl.cli import FlexRoundCLI, main
+    from flexround_pl.cli import main
 
     tmp, config = llama_config
     group = ["--model.quant.weight.granularity", "group", "--model.quant.weight.group_size", "32",

@@ -43,7 +43,6 @@ from flexround_pl.export.directory import INFO_FILE, atomic_directory, write_inf
 from flexround_pl.export.formats import ExportContext, ExportFormat, ExportPlan, register
 from flexround_pl.export.hf_files import save_tokenizer, write_hf_model
 from flexround_pl.quant.layers import QuantizedLayer
-from flexround_pl.rundir import EXPORT_DIR  # re-exported
 
 STATE_DICT_FILE = "model_state_dict.pt"
 

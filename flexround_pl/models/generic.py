@@ -29,7 +29,6 @@ split into ``Linear`` layers (Mixtral's and Qwen2/3-MoE's it can).
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Optional
 

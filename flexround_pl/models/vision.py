@@ -35,6 +35,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
+from flexround_pl import progress
 from flexround_pl.models import cnn  # noqa: F401  (registers the ResNet / MobileNetV2 adapters)
 from flexround_pl.models.sources import ModelSource, TrainedHereSource
 from flexround_pl.utils import torch_threads
@@ -387,20 +388,19 @@ class FashionMNISTResNet18(TrainedHereSource):
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        start, step = time.perf_counter(), 0
-        for epoch in range(self.epochs):
-            perm = order[torch.randperm(len(order), generator=g)]
-            for b in range(steps_per_epoch):
-                idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
-                x = to_pixel_values(images[idx], self.image_size, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
-                loss = nn.functional.cross_entropy(model(x), labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                if step % 50 == 0 or step == total:
-                    log(f"  step {step}/{total} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)")
+        start = time.perf_counter()
+        with progress.Progress("Fashion-MNIST ResNet-18 training", total, unit="step") as bar:
+            for epoch in range(self.epochs):
+                perm = order[torch.randperm(len(order), generator=g)]
+                for b in range(steps_per_epoch):
+                    idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
+                    x = to_pixel_values(images[idx], self.image_size, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+                    loss = nn.functional.cross_entropy(model(x), labels[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    bar.update(loss=loss.item())
         return model.eval(), time.perf_counter() - start
 
 
@@ -419,7 +419,7 @@ def evaluate_accuracy(model: nn.Module, data_dir: Optional[str] = None, image_si
     images, labels = load_fashion_mnist("test", data_dir or FASHION_MNIST_DIR)
     model.eval()
     correct = 0
-    for start in range(0, len(images), batch_size):
+    for start in progress.track(range(0, len(images), batch_size), "Fashion-MNIST test accuracy"):
         x = to_pixel_values(images[start : start + batch_size], image_size, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
         correct += int((model(x).argmax(-1) == labels[start : start + batch_size]).sum())
     return correct / len(images)

@@ -20,7 +20,7 @@ from .base import method_names, method_spec
 from .flexround import FlexRoundConfig
 from .gptq import GPTQConfig
 from .lrq import LRQConfig
-from .grid import MAX_BITS, MIN_BITS, GridConfig, GridInit, Granularity, validate_bits
+from .grid import MAX_BITS, MIN_BITS, GridConfig, validate_bits
 from .nupes import NUPESConfig
 from . import rtn as _rtn  # noqa: F401  (registers 'rtn')
 

@@ -21,12 +21,13 @@ import gc
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import lightning as L
 import torch
 from torch import nn
 
+from flexround_pl import progress
 from flexround_pl.models import lazy
 from flexround_pl.models.adapter import Architecture
 from flexround_pl.quant.config import QuantConfig
@@ -164,6 +165,8 @@ def quantize_blocks(
         where = f"block {i + 1}/{len(blocks)} {name}"
         L.seed_everything(recon.seed + i, verbose=False)
 
+        # quiet unless slow: the grid search, activation calibration, targets and RTN loss before training
+        preparing = progress.Heartbeat(f"{where}: preparing", announce=False).start()
         lazy.pin(block)  # a lazily loaded block: resident (read from the shards) until released below
         teacher = copy.deepcopy(block).eval().requires_grad_(False).to(device)
         cache.compute_targets(teacher, device, recon.eval_batch_size)
@@ -173,6 +176,7 @@ def quantize_blocks(
             assert state is not None
             results.append(_reload_finished_block(state, i, name, block, saved, cache, quant, keep_fp, eight_bit,
                                                   device, recon.eval_batch_size))
+            preparing.stop()
             log(f"{where}: finished by an earlier run, reloaded")
             continue
 
@@ -186,8 +190,10 @@ def quantize_blocks(
         best_step, steps = 0, 0
         if learnable_parameters(block) and max_steps > 0:
             loss_start, steps, best_step = _train_block(
-                i, len(blocks), name, block, teacher, dm, quant, recon, make_trainer, max_steps, device
+                i, len(blocks), name, block, teacher, dm, quant, recon, make_trainer, max_steps, device,
+                [progress.BlockProgress(where, max_steps, stops=preparing)],
             )
+        preparing.stop()  # without training (RTN, data-free NUPES): here
         loss_end = _harden_and_advance(block, cache, device, recon.eval_batch_size)
         _check_finite(loss_end, i, len(blocks), name, steps, recon.lr)
         block.cpu()
@@ -199,7 +205,8 @@ def quantize_blocks(
         if state is not None:
             state.save_block(i, name, block, dataclasses.asdict(result))
         lazy.release(block)  # lazy: the dequantized weight caches go back to meta, the codes stay
-        log(f"{where}: {len(swapped)} layers, loss {result.loss_start:.4g} -> {loss_end:.4g} ({result.seconds:.1f} s)")
+        log(f"{where}: {len(swapped)} layers, loss {result.loss_start:.4g} -> {loss_end:.4g} ({result.seconds:.1f} s, "
+            f"peak RSS {progress.peak_rss_mb():.0f} MB)")
     return results
 
 
@@ -220,9 +227,9 @@ def _reload_finished_block(
 def _train_block(
     index: int, total: int, name: str, block: nn.Module, teacher: nn.Module, dm: BlockDataModule,
     quant: QuantConfig, recon: ReconstructionConfig, make_trainer: TrainerFactory, max_steps: int,
-    device: torch.device,
+    device: torch.device, callbacks: Sequence[L.Callback] = (),
 ) -> tuple[float, int, int]:
-    """Train the block's quantizers with a fresh trainer; keep the best parameters seen.
+    """Train the block's quantizers with a fresh trainer (plus ``callbacks``); keep the best parameters seen.
 
     Returns ``(loss_start, steps, best_step)``: the hard (RTN-init) loss before
     training, the iterations run and the iteration whose parameters were kept.
@@ -237,8 +244,10 @@ def _train_block(
     )
     keep = KeepBestParameters(metric, _hard_loss(block, dm.val_dataloader(), device) if dm.holdout_indices else loss_start)
     interval = math.ceil(max_steps / recon.evaluations) if recon.evaluations else None
-    callbacks = [keep, FiniteLossGuard(index, total, name, recon.lr), *holdout_callbacks(recon, metric)]
-    trainer = make_trainer(tag, callbacks, interval)
+    trainer = make_trainer(
+        tag, [keep, FiniteLossGuard(index, total, name, recon.lr), *holdout_callbacks(recon, metric), *callbacks],
+        interval,
+    )
     trainer.fit(module, datamodule=dm)
     steps = trainer.global_step
     block.to(device)
