@@ -146,7 +146,7 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from plots import COLORS  # noqa: E402
+    from flexround_pl.plots import COLORS
 
     timed = [r for r in rows if r.get("cpu_seconds") is not None and r.get("perplexity") is not None]
     panels = sorted({(r["bits"], r["granularity"], r["group_size"] or 0) for r in timed}, key=lambda p: (-p[0], p[1], p[2]))

@@ -493,7 +493,11 @@ def _generations(model: PTQModel, datamodule: PTQDataModule, log: Callable[[str]
         return None
     device = next(model.net.parameters()).device
     with progress.heartbeat(f"greedy generation ({len(report.PROMPTS)} prompts)"):
-        return report.greedy_samples(model.net, datamodule.tokenizer, device)
+        try:
+            return report.greedy_samples(model.net, datamodule.tokenizer, device)
+        except Exception as e:  # a sample for the eye: never lose a finished quantization over it
+            log(f"generations skipped: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+            return None
 
 
 def _silent(message: str) -> None:

@@ -264,8 +264,8 @@ _SMALL_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
 
 @pytest.fixture(scope="module")
 def llama_config(tmp_path_factory):
-    from test_causal_lm import _write_config
-    from test_lm_data import tiny_tokenizer
+    from conftest import new_tiny_tokenizer as tiny_tokenizer
+    from conftest import write_lm_run_config as _write_config
 
     tmp = tmp_path_factory.mktemp("fmt")
     torch.manual_seed(0)
@@ -397,7 +397,7 @@ def test_gguf_carries_a_byte_level_bpe_tokenizer(tmp_path):
     """A BPE tokenizer goes into the GGUF metadata; transformers rebuilds it from there and encodes the same."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from test_lm_data import make_text
+    from conftest import random_text as make_text
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -39,7 +39,7 @@ def test_causal_lm_fit_reports_fp_and_quantized_greedy_text_side_by_side(tmp_pat
     assert [s["prompt"] for s in samples] == list(report.PROMPTS)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     fp = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export").eval()  # dequantized
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export" / "fake_quant").eval()  # dequantized
     for s in samples:
         assert s["fp"] == _greedy(fp, tokenizer, s["prompt"], report.MAX_NEW_TOKENS)
         assert s["quantized"] == _greedy(exported, tokenizer, s["prompt"], report.MAX_NEW_TOKENS)
