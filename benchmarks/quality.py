@@ -45,7 +45,7 @@ import methods as methods_bench  # noqa: E402
 
 METHODS = ("rtn", "gptq", "adaround", "flexround", "lrq", "autoround")
 TRAINS_NOTHING = ("rtn", "gptq")
-KEY = ("method", "bits", "granularity", "group_size", "steps", "init_from", "lr")
+KEY = ("method", "bits", "granularity", "group_size", "steps", "init_from", "lr", "recipe")
 
 
 def _override(extra: list[str], name: str, default: Optional[str] = None) -> Optional[str]:
@@ -71,8 +71,8 @@ def _init_from(run_dir: Optional[str]) -> str:
     return ((config.get("model") or {}).get("quant") or {}).get("init_from") or "rtn"
 
 
-def row_from_results(results: dict) -> dict:
-    """One quality row from a ``fit`` run's ``results.json``."""
+def row_from_results(results: dict, recipe: str = "default") -> dict:
+    """One quality row from a ``fit`` run's ``results.json`` (``recipe``: the ``--recipe`` label of its overrides)."""
     phases = results.get("phases") or {}
     granularity = results["granularity"]
     return {
@@ -88,6 +88,7 @@ def row_from_results(results: dict) -> dict:
         "peak_rss_mb": results.get("peak_rss_mb"),
         "lr": None if results["method"] in TRAINS_NOTHING else results.get("lr"),
         "init_from": _init_from(results.get("run_dir")),
+        "recipe": recipe,
         "run_dir": results.get("run_dir"),
     }
 
@@ -99,21 +100,24 @@ def row_from_autoround(result: dict) -> dict:
         "group_size": None if group == -1 else group, "steps": result["iters"],
         "perplexity": result["quantized"]["perplexity"], "fp_perplexity": result.get("fp", {}).get("perplexity"),
         "fp_agreement": result["quantized"].get("fp_agreement"), "cpu_seconds": result["quantize_cpu_seconds"],
-        "peak_rss_mb": result["peak_rss_mb"], "lr": result.get("lr"), "init_from": "rtn", "run_dir": None,
+        "peak_rss_mb": result["peak_rss_mb"], "lr": result.get("lr"), "init_from": "rtn", "recipe": "default",
+        "run_dir": None,
     }
 
 
 def run_dir_name(method: str, bits: int, granularity: str, group_size: Optional[int], steps: int,
-                 init_from: str = "rtn") -> str:
+                 init_from: str = "rtn", recipe: str = "default") -> str:
     grid = "channel" if granularity == "channel" else f"g{group_size}" if granularity == "group" else granularity
     start = "" if init_from == "rtn" else f"_from_{init_from}"
-    return f"{method}{start}_w{bits}_{grid}_s{steps}"
+    tag = "" if recipe == "default" else f"_{recipe}"
+    return f"{method}{start}_w{bits}_{grid}_s{steps}{tag}"
 
 
 def merge(rows: list[dict], new: list[dict]) -> list[dict]:
     """``rows`` with ``new`` added; a new row replaces an old one with the same key."""
     def key(r: dict) -> tuple:
-        return tuple(r.get(k, "rtn" if k == "init_from" else None) for k in KEY)  # rows of older files lack some keys
+        missing = {"init_from": "rtn", "recipe": "default"}  # rows of older files lack some keys
+        return tuple(r.get(k, missing.get(k)) for k in KEY)
 
     keys = {key(r) for r in new}
     kept = [r for r in rows if key(r) not in keys]
@@ -130,7 +134,8 @@ def table(rows: list[dict]) -> str:
         grid = r["granularity"] + (f" {r['group_size']}" if r["group_size"] else "")
         start = r.get("init_from", "rtn")
         lr = f", lr {r['lr']:g}" if r.get("lr") else ""
-        cells = [r["method"] + ("" if start == "rtn" else f" (from {start})") + lr, str(r["bits"]), grid, str(r["steps"]), f"{r['perplexity']:.2f}",
+        recipe = "" if r.get("recipe", "default") == "default" else f", {r['recipe']}"
+        cells = [r["method"] + ("" if start == "rtn" else f" (from {start})") + lr + recipe, str(r["bits"]), grid, str(r["steps"]), f"{r['perplexity']:.2f}",
                  "—" if ratio is None else f"{ratio:.2f}",
                  "—" if r.get("fp_agreement") is None else f"{r['fp_agreement']:.4f}",
                  "—" if r.get("cpu_seconds") is None else f"{r['cpu_seconds']:.0f}",
@@ -156,14 +161,17 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (bits, gran, group) in zip(axes[0], panels):
         sel = [r for r in timed if (r["bits"], r["granularity"], r["group_size"] or 0) == (bits, gran, group)]
-        curves = sorted({(r["method"], r.get("init_from", "rtn")) for r in sel},
-                        key=lambda c: (METHODS.index(c[0]) if c[0] in METHODS else 99, c[1] != "rtn"))
-        for method, start in curves:
-            pts = sorted((r["cpu_seconds"], r["perplexity"], r["steps"]) for r in sel
-                         if (r["method"], r.get("init_from", "rtn")) == (method, start))
+        def curve(r: dict) -> tuple:
+            return r["method"], r.get("init_from", "rtn"), r.get("recipe", "default")
+
+        curves = sorted({curve(r) for r in sel},
+                        key=lambda c: (METHODS.index(c[0]) if c[0] in METHODS else 99, c[1] != "rtn", c[2]))
+        for method, start, recipe in curves:
+            pts = sorted((r["cpu_seconds"], r["perplexity"], r["steps"]) for r in sel if curve(r) == (method, start, recipe))
             color = COLORS.get(method)
-            label = method if start == "rtn" else f"{method} from {start}"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if start == "rtn" else "s--", color=color, label=label)
+            label = method + ("" if start == "rtn" else f" from {start}") + ("" if recipe == "default" else f", {recipe}")
+            plain = start == "rtn" and recipe == "default"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if plain else "s--", color=color, label=label)
             for x, y, steps in pts:
                 if steps:
                     ax.annotate(str(steps), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
@@ -210,6 +218,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--group_size", type=int, default=64)
     parser.add_argument("--init_from", default="rtn", choices=("rtn", "gptq"),
                         help="quant.init_from of the learned methods FlexRound / LRQ (gptq: start from GPTQ's weights)")
+    parser.add_argument("--recipe", default="default",
+                        help="a label for the overrides after -- (e.g. 'relative' for --model.reconstruction.token_loss "
+                             "relative): rows and run directories carry it, so variants of one method sit side by side")
     parser.add_argument("--out", default=None, help="quality.json path (runs go in its directory)")
     parser.add_argument("--autoround_python", default="/tmp/arvenv/bin/python")
     parser.add_argument("--collect", action="store_true", help="run nothing: re-read the finished runs")
@@ -244,13 +255,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                             new.append(row_from_autoround(result))
                     continue
                 start = args.init_from if method in ("flexround", "lrq") else "rtn"
-                root = os.path.join(out_dir, run_dir_name(method, bits, args.granularity, group_size, steps, start))
+                root = os.path.join(out_dir, run_dir_name(method, bits, args.granularity, group_size, steps, start,
+                                                          args.recipe))
                 if args.collect:
                     results = methods_bench.read_one(root)
                 else:
                     run_extra = [*grid, "--trainer.max_steps", str(steps), "--model.quant.init_from", start, *extra]
                     results = methods_bench.run_one(args.config, method, bits, root, run_extra)
-                new.append(row_from_results(results))
+                new.append(row_from_results(results, args.recipe))
     rows = merge(rows, new)
     with open(out, "w") as f:
         json.dump(rows, f, indent=2)

@@ -13,6 +13,7 @@ writes nothing; the CLI calls it before it creates the run directory.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -45,6 +46,7 @@ from flexround_pl.reconstruct.driver import BlockResult, quantize_blocks, quanti
 from flexround_pl.reconstruct.gptq_hessian import unsupported_by_gptq, uses_layer_hessians
 from flexround_pl.reconstruct.module import calibrate_model_activations
 from flexround_pl.progress import peak_rss_mb
+from flexround_pl.quant.surgery import quantize_modules
 from flexround_pl.rundir import CACHE_DIR, CHECKPOINT_NAME, RESULTS_NAME, TENSORBOARD_DIR
 from flexround_pl.utils import check_writable_dir, is_rank_zero, state_dict_nbytes, write_json_atomic
 
@@ -153,7 +155,7 @@ class _PhaseClock:
 
 def evaluate(
     model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, stage: str = "validate",
-    reference: bool = False,
+    reference: bool = False, label: Optional[str] = None,
 ) -> dict[str, float]:
     """Metrics of ``model`` on the data module's ``validate`` (eval split) or ``test`` loader.
 
@@ -161,7 +163,8 @@ def evaluate(
     later pass on the same loader adds ``fp_agreement`` (and ``fp_kl`` for a
     classifier) to its metrics.
     """
-    trainer = settings.eval_trainer([progress.EvalProgress(f"{'FP' if reference else 'quantized'} evaluation")])
+    label = label or ("FP" if reference else "quantized")
+    trainer = settings.eval_trainer([progress.EvalProgress(f"{label} evaluation")])
     for measure in model.fidelity:
         measure.start(record=reference)
     with quiet_lightning():
@@ -331,6 +334,9 @@ def run(
         _score_lm_eval(lm_eval, "fp", model, settings, log)
     fp_texts = _generations(model, datamodule, log)  # causal LMs: greedy text before quantizing, for the report
     phases.lap("fp_eval")
+    rtn_metrics = _rtn_baseline(model, datamodule, settings, log) if model.evaluate_rtn and fp_metrics else None
+    if rtn_metrics is not None:
+        phases.lap("rtn_eval")
 
     quantized = _quantize(model, datamodule, settings, log, state)
     formats = requested_formats(export)
@@ -351,6 +357,7 @@ def run(
         **summary,
         "calibration_samples": quantized.calibration_samples,
         "fp": fp_metrics,
+        **({"rtn": rtn_metrics} if rtn_metrics is not None else {}),
         "quantized": q_metrics,
         "blocks": [asdict(b) for b in quantized.blocks],
         "outside_blocks_rtn": quantized.outside_blocks_rtn,
@@ -375,6 +382,49 @@ def run(
         write_json_atomic(path, results)
     log(f"results written to {path}")
     return results
+
+
+def _rtn_baseline(
+    model: PTQModel, datamodule: PTQDataModule, settings: TrainerSettings, log: Callable[[str], None]
+) -> Optional[dict[str, float]]:
+    """Metrics of the round-to-nearest model on the run's grid: the baseline a learned method must beat.
+
+    A copy of the FP network gets RTN (``quant.as_rtn()``: same bits,
+    granularity, grid ``init``, FP and 8-bit layers) everywhere the run
+    quantizes, is evaluated on the same loader (so it also gets
+    ``fp_agreement``), and is dropped. Costs one evaluation pass and one extra
+    copy of the weights; skipped (with a line saying why) where that copy or
+    the comparison would not hold.
+    """
+    assert model.net is not None and model.arch is not None
+    quant = model.quant
+    if quant.method == "rtn":
+        return None  # the run is the baseline
+    why = None
+    if quant.activation.bits is not None:
+        why = "activations are quantized (their ranges are calibrated per block)"
+    elif lazy.is_lazy(model.net):
+        why = "the model is loaded lazily (a second copy would not fit in memory)"
+    if why is not None:
+        log(f"RTN baseline not evaluated: {why}; python -m flexround_pl compare --methods rtn {quant.method} runs it")
+        return None
+    fp_net = model.net
+    with progress.heartbeat("RTN baseline: rounding a copy of the model to nearest"):
+        rtn_net = copy.deepcopy(fp_net)
+        rtn = quant.as_rtn()
+        keep_fp = tuple(model.arch.keep_fp) + tuple(quant.keep_fp)
+        eight_bit = quant.eight_bit_patterns(model.arch.eight_bit)
+        for name, block in model.arch.blocks(rtn_net):
+            quantize_modules(block, rtn, keep_fp=keep_fp, eight_bit=eight_bit, prefix=name)
+        quantize_outside_blocks(rtn_net, model.arch, quant)  # the rest, as the run does; hardens everything
+    model.net = rtn_net
+    try:
+        metrics = evaluate(model, datamodule, settings, label="RTN baseline")
+    finally:
+        model.net = fp_net
+        del rtn_net
+    log(f"RTN baseline metrics (same grid): {_fmt(metrics)}")
+    return metrics
 
 
 def _score_lm_eval(

@@ -32,6 +32,9 @@ class PTQModel(L.LightningModule):
         quant: method, bits, granularity, grid initialization, FP layers.
         reconstruction: learning rate, batch size, ... of each block.
         evaluate_fp: also evaluate the FP network (for the FP vs quantized report).
+        evaluate_rtn: also evaluate round-to-nearest on the run's grid (needs
+            ``evaluate_fp``; one more evaluation pass and a copy of the weights),
+            so the report shows what the learned rounding gained over RTN.
     """
 
     def __init__(
@@ -40,12 +43,14 @@ class PTQModel(L.LightningModule):
         quant: QuantConfig = QuantConfig(),
         reconstruction: ReconstructionConfig = ReconstructionConfig(),
         evaluate_fp: bool = True,
+        evaluate_rtn: bool = True,
     ) -> None:
         super().__init__()
         self.source = source
         self.quant = quant
         self.reconstruction = reconstruction
         self.evaluate_fp = evaluate_fp
+        self.evaluate_rtn = evaluate_rtn
         self.net: Optional[nn.Module] = None
         self.arch: Optional[Architecture] = None
         self.task_metrics: Optional[nn.Module] = None

@@ -2,7 +2,8 @@
 
 :func:`summary` turns a run's results into two small tables:
 
-* the task metrics of the FP model and of the quantized model (with
+* the task metrics of the FP model, of round-to-nearest on the same grid and
+  of the quantized model (with
   ``fp_agreement`` / ``fp_kl``: how close the quantized model stays to FP);
 * per block, the reconstruction loss at initialization and at the end. At
   initialization every learned method (FlexRound with its division factors at
@@ -10,8 +11,8 @@
   grid, so the first column is RTN's loss on that block. It is not a
   standalone RTN model's loss: from the second block on, the block's inputs
   come from the earlier blocks as this run quantized them. The RTN model
-  itself is not evaluated here (that costs a second run:
-  ``python -m flexround_pl compare --methods rtn flexround``).
+  itself is the first table's ``rtn`` row (``model.evaluate_rtn``, on by
+  default: one more evaluation of an RTN copy of the FP network).
 
 :func:`greedy_samples` continues a few fixed prompts greedily, so a causal
 LM's FP and quantized text can be read side by side (console and
@@ -38,10 +39,14 @@ def _cell(value: Optional[float]) -> str:
     return "—" if value is None else f"{value:.4g}"
 
 
-def metrics_table(fp: dict[str, float], quantized: dict[str, float], label: str) -> list[str]:
-    names = list(dict.fromkeys([*fp, *quantized]))
-    rows = [["model", *names], ["FP", *(_cell(fp.get(n)) for n in names)],
-            [label, *(_cell(quantized.get(n)) for n in names)]]
+def metrics_table(fp: dict[str, float], quantized: dict[str, float], label: str,
+                  rtn: Optional[dict[str, float]] = None, rtn_label: str = "RTN") -> list[str]:
+    """FP, (the RTN baseline,) the quantized model: one row each, one column per metric."""
+    names = list(dict.fromkeys([*fp, *(rtn or {}), *quantized]))
+    rows = [["model", *names], ["FP", *(_cell(fp.get(n)) for n in names)]]
+    if rtn is not None:
+        rows.append([rtn_label, *(_cell(rtn.get(n)) for n in names)])
+    rows.append([label, *(_cell(quantized.get(n)) for n in names)])
     return _markdown(rows)
 
 
@@ -64,16 +69,19 @@ def summary(results: dict[str, Any]) -> str:
     """The end-of-``fit`` report (markdown tables; see the module docstring for what RTN means here)."""
     method, bits = results["method"], results["w_bits"]
     a = f"A{results['a_bits']}" if results.get("a_bits") is not None else ""
-    label = f"{method} W{bits}{a} {results['granularity']}"
-    lines = ["", f"== summary: {results['model']} =="] + metrics_table(results["fp"], results["quantized"], label)
+    grid = f"W{bits}{a} {results['granularity']}"
+    label = f"{method} {grid}"
+    lines = ["", f"== summary: {results['model']} =="] + metrics_table(
+        results["fp"], results["quantized"], label, results.get("rtn"), f"rtn {grid} (same grid)")
     blocks = results.get("blocks") or []
     if method != "rtn" and blocks and any(b.get("steps") for b in blocks):
         note = ("block reconstruction loss (MSE to the FP block's output on the calibration set), before and "
                 "after training.")
         if method in RTN_AT_START:
             note += (f" Before training {method} is round-to-nearest on the same grid, so 'start' is RTN's loss on "
-                     "that block, its inputs coming from the earlier blocks as quantized here. The RTN model itself "
-                     "was not evaluated (python -m flexround_pl compare --methods rtn ... runs it).")
+                     "that block, its inputs coming from the earlier blocks as quantized here.")
+            if results.get("rtn") is None:
+                note += " The RTN model itself was not evaluated (python -m flexround_pl compare --methods rtn ... runs it)."
         lines += ["", note] + block_table(blocks, method)
     for sample in results.get("generations") or []:
         lines += ["", f"prompt:    {sample['prompt']!r}", f"FP:        {sample['fp']!r}",

@@ -37,7 +37,7 @@ def test_fit_writes_results_and_every_block_improves(tmp_path, tiny_bert_dir, me
         assert block["loss_end"] < block["loss_start"], block
         assert block["steps"] == 30 and block["seconds"] > 0
     assert results["seconds_total"] > 0 and results["peak_rss_mb"] > 0
-    assert set(results["phases"]) == {"fp_eval", "quantize", "quantized_eval"}
+    assert set(results["phases"]) == {"fp_eval", "rtn_eval", "quantize", "quantized_eval"}
     assert sum(p["seconds"] for p in results["phases"].values()) <= results["seconds_total"]
     assert results["phases"]["quantize"]["seconds"] >= sum(b["seconds"] for b in results["blocks"])
     assert (run / "config.yaml").exists()

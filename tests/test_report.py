@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import transformers
 
@@ -65,3 +66,42 @@ def test_summary_of_a_classifier_has_no_generations_and_rtn_runs_have_no_block_t
     lines = report.summary(flex).splitlines()
     assert any(line.startswith("| b0 ") and "4.00x" in line for line in lines)
     assert any(line.startswith("| sum ") and "| 3 " in line and "2.00x" in line for line in lines)
+
+
+def test_rtn_baseline_row_equals_a_separate_rtn_run_on_the_same_grid(tmp_path, capsys, tiny_tokenizer,
+                                                                     write_lm_config):
+    """``results["rtn"]`` of a FlexRound run is what ``fit --model.quant.method rtn`` gets on the same config."""
+    from flexround_pl.cli import main
+    from test_causal_lm import _save_tiny
+
+    model_dir = _save_tiny("llama", tmp_path, tiny_tokenizer())
+    config = write_lm_config(tmp_path, model_dir, max_steps=5)
+    assert main(["fit", "--config", config]) == 0
+    printed = capsys.readouterr().out
+    flex = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert main(["fit", "--config", config, "--model.quant.method", "rtn",
+                 "--trainer.default_root_dir", str(tmp_path / "rtn")]) == 0
+    rtn = json.loads((tmp_path / "rtn" / "results.json").read_text())
+
+    assert "rtn" not in rtn  # an RTN run is its own baseline
+    assert set(flex["rtn"]) == set(rtn["quantized"]) >= {"perplexity", "fp_agreement"}
+    for name, value in rtn["quantized"].items():
+        assert flex["rtn"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+    assert flex["rtn"]["perplexity"] != flex["quantized"]["perplexity"]  # the trained model is another model
+    row = next(line for line in printed.splitlines() if line.startswith("| rtn W3 channel (same grid) "))
+    assert f"{flex['rtn']['perplexity']:.4g}" in row
+    assert "rtn_eval" in flex["phases"]
+
+
+def test_rtn_baseline_is_skipped_with_a_reason_when_activations_are_quantized(tmp_path, capsys, tiny_tokenizer,
+                                                                               write_lm_config):
+    from flexround_pl.cli import main
+    from test_causal_lm import _save_tiny
+
+    model_dir = _save_tiny("llama", tmp_path, tiny_tokenizer())
+    config = write_lm_config(tmp_path, model_dir, max_steps=2)
+    assert main(["fit", "--config", config, "--model.quant.activation.bits", "8"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "rtn" not in results and "rtn_eval" not in results["phases"]
+    assert "RTN baseline not evaluated: activations are quantized" in printed

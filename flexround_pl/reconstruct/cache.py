@@ -445,6 +445,7 @@ class CalibrationCache:
         self.templates: list[tuple[tuple, dict]] = template if isinstance(template, list) else [template]
         self.extras = extras
         self.loss_mask = loss_mask
+        self.loss_weight: Optional[Tensor] = None  # per-position weights of this block's loss (weigh_positions)
         self.block_index = 0  # the block whose arguments call_args gives; advance() moves it on
 
     def __len__(self) -> int:
@@ -573,9 +574,42 @@ class CalibrationCache:
         }
         if self.targets is not None:
             out["targets"] = self.targets[index]
-        if self.loss_mask is not None:
-            out["loss_mask"] = self.loss_mask[index]
+        weights = self.loss_weights(index)
+        if weights is not None:
+            out["loss_mask"] = weights
         return out
+
+    def loss_weights(self, index: Tensor) -> Optional[Tensor]:
+        """Per-position loss weights of samples ``index``: :meth:`weigh_positions`' or the padding mask."""
+        if self.loss_weight is not None:
+            return self.loss_weight[index]
+        return self.loss_mask[index] if self.loss_mask is not None else None
+
+    @torch.no_grad()
+    def weigh_positions(self, token_loss: str, massive_ratio: float = 20.0, chunk: int = 64) -> None:
+        """Per-position weights of the current block's loss, from its targets (``reconstruction.token_loss``).
+
+        ``mse``: none (every non-padding position counts the same). ``relative``:
+        position ``t`` weighs ``1 / ||y_t||^2``, so the loss is a weighted mean
+        of relative squared errors and a few positions of huge norm cannot
+        dominate it. ``drop_massive``: positions whose target norm exceeds
+        ``massive_ratio`` x the median norm (massive activations, e.g. the
+        attention-sink token of SmolLM2 / LLaMA, Sun et al. 2024, arXiv
+        2402.17762) weigh 0, the rest 1. Text blocks only (targets ``[N, T, H]``).
+        """
+        self.loss_weight = None
+        if token_loss == "mse" or self.targets is None or self.targets.dim() != 3:
+            return
+        sq = torch.cat([self.targets[i:i + chunk].float().pow(2).sum(-1) for i in range(0, len(self), chunk)])
+        valid = self.loss_mask.bool() if self.loss_mask is not None else torch.ones_like(sq, dtype=torch.bool)
+        if token_loss == "relative":
+            weight = valid / sq.clamp_min(torch.finfo(torch.float32).tiny)
+        elif token_loss == "drop_massive":
+            norms = sq.sqrt()
+            weight = (valid & (norms <= massive_ratio * norms[valid].median())).float()
+        else:
+            raise ValueError(f"reconstruction.token_loss must be 'mse', 'relative' or 'drop_massive', got {token_loss!r}")
+        self.loss_weight = weight.float()
 
     # -- running a block over the whole cache ---------------------------------
 

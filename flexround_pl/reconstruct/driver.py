@@ -128,8 +128,8 @@ def _advance_and_score(cache: CalibrationCache, block: nn.Module, device: torch.
 
     def score(index: torch.Tensor, out: torch.Tensor) -> None:
         assert cache.targets is not None
-        mask = cache.loss_mask[index].to(device) if cache.loss_mask is not None else None
-        mean.add(out, cache.targets[index].to(device), mask)
+        weights = cache.loss_weights(index)
+        mean.add(out, cache.targets[index].to(device), weights.to(device) if weights is not None else None)
 
     cache.advance(block, device, batch_size, each=score)
     return mean.value
@@ -170,6 +170,7 @@ def quantize_blocks(
         lazy.pin(block)  # a lazily loaded block: resident (read from the shards) until released below
         teacher = copy.deepcopy(block).eval().requires_grad_(False).to(device)
         cache.compute_targets(teacher, device, recon.eval_batch_size)
+        cache.weigh_positions(recon.token_loss, recon.massive_ratio)
         saved = state.finished(i, name) if state is not None else None
         if saved is not None:
             del teacher

@@ -41,7 +41,9 @@ def reconstruction_loss(pred: Tensor, target: Tensor, mask: Optional[Tensor] = N
 
     Features are the last dimension of transformer outputs ``[B, T, H]`` and the
     channel dimension of conv outputs ``[B, C, H, W]`` (QDrop's ``lp_loss``).
-    ``mask`` (``[B, T]``, text only) drops padding tokens from the average.
+    ``mask`` (``[B, T]``, text only): per-position weights of the average,
+    the padding mask (0 / 1) or :meth:`CalibrationCache.weigh_positions`'
+    weights (``reconstruction.token_loss``): ``sum(w * err) / sum(w)``.
     """
     err = (pred.float() - target.float()).pow(2)
     per_position = err.sum(1) if err.dim() == 4 else err.sum(-1)

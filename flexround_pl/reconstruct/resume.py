@@ -22,7 +22,7 @@ Resuming is automatic: ``fit`` with a run directory holding a state of the
 state (and the run's old outputs) and starts over. A state written with a
 different configuration is refused (:class:`ResumeError`, naming the changed
 entries). The fingerprint covers what changes the codes: ``seed_everything``,
-the whole ``model`` section except ``evaluate_fp``, the whole ``data`` section
+the whole ``model`` section except ``evaluate_fp`` / ``evaluate_rtn``, the whole ``data`` section
 except ``num_workers``, and the trainer settings listed in
 :data:`RESULT_TRAINER_KEYS` (``max_steps``, ``precision``, the device ...);
 display and logging settings (progress bar, loggers, ``default_root_dir``)
@@ -70,6 +70,7 @@ RESULT_TRAINER_KEYS = (
 #: Entries of the model / data sections that do not change the codes.
 IGNORED_KEYS = (
     "model.evaluate_fp",
+    "model.evaluate_rtn",
     "data.init_args.num_workers",
     "data.num_workers",
     # Where the calibration cache lives changes nothing in the results (tests/test_disk_cache.py).
