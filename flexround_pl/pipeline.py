@@ -63,6 +63,21 @@ _BLOCK_TRAINER_FIXED = dict(
 # Blocks are trained in eval mode on purpose (no dropout, frozen BatchNorm).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
+# lightning 2.6 on torch >= 2.10 warns at every trainer about its own pytree use: nothing a user can act on
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class _DropBlockStopLine(logging.Filter):
+    """Every block's trainer ends at ``max_steps`` by design: Lightning's line saying so is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`Trainer.fit` stopped: `max_steps=" not in record.getMessage()
+
+
+for _handler in logging.getLogger("lightning.pytorch").handlers:
+    _handler.addFilter(_DropBlockStopLine())
+# torchao (pulled in by the [export] extra's gptqmodel) registers enums the deprecated way at import
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 @contextmanager
