@@ -45,6 +45,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from typing import Any, Optional, Union
 
 import lightning as L
@@ -263,6 +264,9 @@ def main(args: Optional[list[str]] = None) -> int:
         from flexround_pl.compare import main as compare
 
         return compare(argv[1:])
+    # Lightning's own SIGTERM handler only notes the signal; ours stops the run (signals: main thread only)
+    on_main = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
     try:
         check_config_files(sys.argv[1:] if args is None else args)
         FlexRoundCLI(args=args)
@@ -275,22 +279,38 @@ def main(args: Optional[list[str]] = None) -> int:
     except (DivergenceError, DiskFullError) as err:
         print(f"flexround_pl: error: {_one_line(err)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return _interrupted()
+    except KeyboardInterrupt as stop:
+        return _interrupted(stop)
     except SystemExit as exit_:
         if isinstance(exit_.__context__, KeyboardInterrupt):  # Lightning's Ctrl-C inside a trainer: sys.exit(1)
             signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning left SIGINT ignored
-            return _interrupted()
+            return _interrupted(exit_.__context__)
         raise
     finally:
         progress.stop_all()  # a step's heartbeat thread left running by an error
+        if on_main:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
 
 
-def _interrupted() -> int:
-    print("flexround_pl: interrupted: the finished blocks are saved in the run directory (resume/); "
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's preemption): stop like Ctrl-C, keep the finished blocks.
+
+    A KeyboardInterrupt subclass so that Lightning's graceful-shutdown path and
+    ours treat it as an interruption. Without it Lightning's SIGTERM handler
+    only sets a flag, and the run went on, or exited 0 without results.
+    """
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _interrupted(stop: BaseException) -> int:
+    what, code = ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
+    print(f"flexround_pl: {what}: the finished blocks are saved in the run directory (resume/); "
           "re-run the same command to resume", file=sys.stderr)
-    return 130
+    return code
 
 
 def _one_line(err: BaseException) -> str:

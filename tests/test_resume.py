@@ -116,6 +116,39 @@ def test_sigkill_mid_block_then_rerun_resumes_and_gives_bitwise_identical_codes(
     _assert_bitwise_equal(_codes(run), _codes(reference[1]))
 
 
+def test_sigterm_mid_block_stops_with_143_and_the_resume_line_then_the_run_resumes(
+    tmp_path, tiny_bert_dir, reference, monkeypatch, capfd, write_config
+):
+    """``kill <pid>`` (a scheduler's preemption) in block 1: Lightning alone would note it and go on."""
+    (tmp_path / "slow_steps.py").write_text(SLOW_STEPS)
+    cfg = _config(write_config, tmp_path, tiny_bert_dir, callbacks=[{"class_path": "slow_steps.SlowSteps",
+                                                       "init_args": {"seconds": 0.05}}])
+    run = tmp_path / "run"
+    state_file = run / "resume" / "state.json"
+    cmd = [sys.executable, "-m", "flexround_pl", "fit", "--config", cfg]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(str(tmp_path)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not state_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the first block never finished:\n" + proc.communicate()[1][-3000:])
+        time.sleep(0.02)
+    time.sleep(0.3)  # inside block 1
+    proc.terminate()  # SIGTERM
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "flexround_pl: terminated (SIGTERM): the finished blocks are saved"), err[-3000:]
+    assert list(json.loads(state_file.read_text())["blocks"]) == ["0"]
+    assert not (run / "results.json").exists()
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(cmd[3:]) == 0
+    assert json.loads((run / "results.json").read_text())["resumed_blocks"] == 1
+    _assert_bitwise_equal(_codes(run), _codes(reference[1]))
+
+
 def test_resume_with_another_config_is_refused_and_fresh_starts_over(tmp_path, reference, capfd):
     cfg, ref_run = reference
     run = tmp_path / "run"
