@@ -418,6 +418,8 @@ def _rtn_baseline(
     why = None
     if quant.activation.bits is not None:
         why = "activations are quantized (their ranges are calibrated per block)"
+    elif quant.weight.init == "output":
+        why = "the grid init is output-aware (weight.init output needs each block's calibration inputs)"
     elif lazy.is_lazy(model.net):
         why = "the model is loaded lazily (a second copy would not fit in memory)"
     if why is not None:

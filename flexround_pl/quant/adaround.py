@@ -20,6 +20,7 @@ Regularizer schedule (BRECQ's ``LinearTempDecay``, the public AdaRound code):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -48,8 +49,8 @@ class AdaRoundConfig:
 class AdaRoundQuantizer(WeightQuantizer):
     """``W_hat = s1 * (clamp(floor(W/s1) + h(V) + zp, qmin, qmax) - zp)``, ``s1`` fixed."""
 
-    def __init__(self, weight: Tensor, grid_cfg: GridConfig, cfg: AdaRoundConfig):
-        super().__init__(UniformGrid(weight, grid_cfg))
+    def __init__(self, weight: Tensor, grid_cfg: GridConfig, cfg: AdaRoundConfig, hessian: Optional[Tensor] = None):
+        super().__init__(UniformGrid(weight, grid_cfg, hessian))
         self.cfg = cfg
         with torch.no_grad():
             x = self.grid.group_view(weight.detach().float()) / torch.exp(self.log_step())
@@ -84,6 +85,9 @@ class AdaRoundQuantizer(WeightQuantizer):
         return self.cfg.reg_weight * (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
-register("adaround", lambda weight, grid_cfg, cfg, is_conv: AdaRoundQuantizer(weight, grid_cfg, cfg.adaround))
+register(
+    "adaround",
+    lambda weight, grid_cfg, cfg, is_conv, hessian: AdaRoundQuantizer(weight, grid_cfg, cfg.adaround, hessian),
+)
 
 __all__ = ["AdaRoundConfig", "AdaRoundQuantizer", "GAMMA", "ZETA"]

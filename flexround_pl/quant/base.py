@@ -123,8 +123,9 @@ def decode_values(u: Tensor, exponent: Optional[Tensor | float]) -> Tensor:
     return torch.sign(u) * u.abs().pow(1.0 / exponent)
 
 
-#: ``build(weight, grid_cfg, cfg, is_conv)``: the quantizer of one weight (grid layout, output channels on dim 0).
-QuantizerBuilder = Callable[[Tensor, GridConfig, "QuantConfig", bool], WeightQuantizer]
+#: ``build(weight, grid_cfg, cfg, is_conv, hessian)``: the quantizer of one weight (grid layout, output
+#: channels on dim 0); ``hessian`` (``[C_in, C_in]`` or None) goes to its grid (``weight.init: output``).
+QuantizerBuilder = Callable[[Tensor, GridConfig, "QuantConfig", bool, Optional[Tensor]], WeightQuantizer]
 
 
 @dataclass(frozen=True)
@@ -137,22 +138,29 @@ class MethodSpec:
     ``starts_anywhere``: the rounding reads the weight at every call and keeps
     nothing computed from it but the grid, so the driver may hand it another
     starting weight on the same grid (``quant.init_from: gptq``).
+    ``output_init``: the method's grid is :class:`UniformGrid`'s, so it can be
+    searched on the layer's output error (``weight.init: output``); ``False``
+    for a grid of its own (NUPES' power grid).
     """
 
     name: str
     build: QuantizerBuilder
     uses_hessian: bool = False
     starts_anywhere: bool = False
+    output_init: bool = True
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(name: str, build: QuantizerBuilder, uses_hessian: bool = False, starts_anywhere: bool = False) -> None:
+def register(
+    name: str, build: QuantizerBuilder, uses_hessian: bool = False, starts_anywhere: bool = False,
+    output_init: bool = True,
+) -> None:
     """Make ``--model.quant.method NAME`` build quantizers with ``build`` (flags: :class:`MethodSpec`)."""
     if name in METHODS and METHODS[name].build is not build:
         raise ValueError(f"quantization method {name!r} is registered twice")
-    METHODS[name] = MethodSpec(name, build, uses_hessian, starts_anywhere)
+    METHODS[name] = MethodSpec(name, build, uses_hessian, starts_anywhere, output_init)
 
 
 def method_names() -> tuple[str, ...]:
@@ -171,12 +179,15 @@ def method_spec(name: str) -> MethodSpec:
 
 
 def build_quantizer(
-    weight: Tensor, cfg: "QuantConfig", is_conv: bool, bits: Optional[int] = None
+    weight: Tensor, cfg: "QuantConfig", is_conv: bool, bits: Optional[int] = None,
+    hessian: Optional[Tensor] = None,
 ) -> WeightQuantizer:
     """The quantizer ``cfg.method`` names, on ``cfg.weight``'s grid.
 
     ``bits`` overrides ``cfg.weight.bits`` (e.g. 8 for a CNN's first/last layer).
     ``weight`` must be in the grid layout: output channels along dim 0.
+    ``hessian``: the layer's input Hessian, which ``weight.init: output``
+    searches the grid with (:class:`UniformGrid`); ignored by the other inits.
     """
     grid_cfg = cfg.weight if bits is None else replace(cfg.weight, bits=bits)
-    return method_spec(cfg.method).build(weight, grid_cfg, cfg, is_conv)
+    return method_spec(cfg.method).build(weight, grid_cfg, cfg, is_conv, hessian)

@@ -129,6 +129,12 @@ class QuantConfig:
                 f"quant.init_from gptq needs a method that can start from another weight ({starts}), "
                 f"got method {self.method!r}: use init_from rtn, or method gptq itself"
             )
+        if self.weight.init == "output" and not method_spec(self.method).output_init:
+            takes = ", ".join(n for n in method_names() if method_spec(n).output_init)
+            raise ValueError(
+                f"quant.weight.init output searches the uniform grid of {takes} on the layer's output error; "
+                f"method {self.method!r} searches a grid of its own on the weight error: use weight.init lp or minmax"
+            )
 
 
 __all__ = [

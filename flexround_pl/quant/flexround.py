@@ -111,8 +111,11 @@ class FlexRoundQuantizer(DivisionRounding):
 
     log_s4: Optional[nn.Parameter]
 
-    def __init__(self, weight: Tensor, grid_cfg: GridConfig, cfg: FlexRoundConfig, is_conv: bool):
-        super().__init__(UniformGrid(weight, grid_cfg))
+    def __init__(
+        self, weight: Tensor, grid_cfg: GridConfig, cfg: FlexRoundConfig, is_conv: bool,
+        hessian: Optional[Tensor] = None,
+    ):
+        super().__init__(UniformGrid(weight, grid_cfg, hessian))
         self.cfg = cfg
         self._init_log_s1(cfg.learn_s1)
         kw = dict(dtype=torch.float32, device=weight.device)
@@ -131,6 +134,8 @@ class FlexRoundQuantizer(DivisionRounding):
 
 register(
     "flexround",
-    lambda weight, grid_cfg, cfg, is_conv: FlexRoundQuantizer(weight, grid_cfg, cfg.flexround, is_conv),
+    lambda weight, grid_cfg, cfg, is_conv, hessian: FlexRoundQuantizer(
+        weight, grid_cfg, cfg.flexround, is_conv, hessian
+    ),
     starts_anywhere=True,
 )

@@ -154,8 +154,8 @@ class GPTQQuantizer(WeightQuantizer):
     once per layer, before hardening).
     """
 
-    def __init__(self, weight: Tensor, grid_cfg: GridConfig, cfg: GPTQConfig):
-        super().__init__(UniformGrid(weight, grid_cfg))
+    def __init__(self, weight: Tensor, grid_cfg: GridConfig, cfg: GPTQConfig, hessian: Optional[Tensor] = None):
+        super().__init__(UniformGrid(weight, grid_cfg, hessian))
         self.cfg = cfg
         self.register_buffer("fixed_codes", None)
 
@@ -181,7 +181,9 @@ class GPTQQuantizer(WeightQuantizer):
 
 
 register(
-    "gptq", lambda weight, grid_cfg, cfg, is_conv: GPTQQuantizer(weight, grid_cfg, cfg.gptq), uses_hessian=True
+    "gptq",
+    lambda weight, grid_cfg, cfg, is_conv, hessian: GPTQQuantizer(weight, grid_cfg, cfg.gptq, hessian),
+    uses_hessian=True,
 )
 
 __all__ = ["GPTQConfig", "GPTQQuantizer", "GPTQResult", "gptq_on_grid", "gptq_quantize", "grid_per_weight"]

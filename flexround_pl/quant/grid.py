@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 Granularity = Literal["tensor", "channel", "group"]
-GridInit = Literal["minmax", "lp"]
+GridInit = Literal["minmax", "lp", "output"]
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -46,7 +46,13 @@ class GridConfig:
     output channel and per ``group_size`` consecutive input elements).
     ``init``: ``minmax`` uses the full range; ``lp`` searches ``lp_candidates``
     shrunk ranges for the smallest ``||W - Q(W)||_p`` with ``p = lp_norm``
-    (BRECQ / QDrop use p = 2.4).
+    (BRECQ / QDrop use p = 2.4); ``output`` searches the same ranges for the
+    smallest error in the layer's *output* on the calibration inputs,
+    ``e^T H e`` with ``e = Q(w) - w`` and ``H`` the layer's input Hessian
+    (:class:`UniformGrid`). ``output`` needs calibration data: the block
+    driver computes every layer's ``H`` from the FP block before it builds the
+    quantizers; a layer with no ``H`` (outside every block, or a Conv2d the
+    Hessian hooks do not cover: groups / string padding) gets ``lp``.
     """
 
     bits: int = 4
@@ -63,8 +69,8 @@ class GridConfig:
             raise ValueError(
                 f"granularity must be 'tensor', 'channel' or 'group', got {self.granularity!r}"
             )
-        if self.init not in ("minmax", "lp"):
-            raise ValueError(f"grid init must be 'minmax' or 'lp', got {self.init!r}")
+        if self.init not in ("minmax", "lp", "output"):
+            raise ValueError(f"grid init must be 'minmax', 'lp' or 'output', got {self.init!r}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.lp_candidates < 1:
@@ -153,19 +159,37 @@ class UniformGrid(nn.Module):
       cfg.lp_norm``) is kept, independently for every channel / group.
       ``alpha = 1`` (min-max) is a candidate, so the Lp error never exceeds
       min-max's.
+    * ``output``: the same candidates, scored by the error they cause in the
+      layer's output over the calibration inputs ``X`` (rows: tokens). With
+      ``hessian`` ``H = 2 X^T X / n`` (``[C_in, C_in]``, flattened inputs, as
+      GPTQ's) and a weight row's error ``e = Q(w) - w``, that error is
+      ``e^T H e``, computed exactly for ``channel`` (per row) and ``tensor``
+      (summed over rows). It does not separate over the groups of a row, so
+      ``group`` scores each group ``g`` with its own diagonal block of ``H``,
+      ``e_g^T H_gg e_g``: the exact output error of quantizing that group
+      alone, which keeps the correlations inside a group (that ``diag(H)``
+      would drop) and leaves out only the cross terms between groups, which
+      a choice made per group cannot see. ``alpha = 1`` is a candidate here
+      too. Without ``hessian`` (layers outside the blocks) this is ``lp``.
+      The search runs on ``hessian``'s device, in float32.
 
     The zero point is fixed here and never learned (as in the FlexRound code).
     """
 
-    def __init__(self, weight: Tensor, cfg: GridConfig):
+    def __init__(self, weight: Tensor, cfg: GridConfig, hessian: Optional[Tensor] = None):
         super().__init__()
         self.cfg = cfg
         self.qmin, self.qmax = cfg.qmin, cfg.qmax
         self.weight_shape = tuple(weight.shape)
+        if cfg.init != "output":
+            hessian = None  # minmax / lp never read it
         with torch.no_grad():
-            log_scale, zero_point = self._init(self.group_view(weight.detach().float()))
-        self.register_buffer("log_scale", log_scale)
-        self.register_buffer("zero_point", zero_point)
+            w = weight.detach().float()
+            if hessian is not None:
+                w = w.to(hessian.device)
+            log_scale, zero_point = self._init(self.group_view(w), hessian)
+        self.register_buffer("log_scale", log_scale.to(weight.device))
+        self.register_buffer("zero_point", zero_point.to(weight.device))
 
     # ---- views --------------------------------------------------------------
     def group_view(self, w: Tensor) -> Tensor:
@@ -197,7 +221,7 @@ class UniformGrid(nn.Module):
             zero_point = torch.clamp(torch.round(-lo / step), self.qmin, self.qmax)
         return log_step, zero_point
 
-    def _init(self, v: Tensor) -> tuple[Tensor, Tensor]:
+    def _init(self, v: Tensor, hessian: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         dims = reduce_dims(v, self.cfg)
         lo = v.amin(dim=dims, keepdim=True).clamp_max(0)
         hi = v.amax(dim=dims, keepdim=True).clamp_min(0)
@@ -206,10 +230,20 @@ class UniformGrid(nn.Module):
             return best_log, best_zp
         p, n = self.cfg.lp_norm, self.cfg.lp_candidates
         scratch = torch.empty_like(v)  # one buffer for every candidate: no per-op allocation
-        best_err = self._lp_error(v, best_log, best_zp, p, dims, scratch)
+        if hessian is None:
+
+            def error(log_step: Tensor, zp: Tensor) -> Tensor:
+                return self._lp_error(v, log_step, zp, p, dims, scratch)
+        else:
+            h = self._check_hessian(v, hessian)
+
+            def error(log_step: Tensor, zp: Tensor) -> Tensor:
+                return self._output_error(v, log_step, zp, h, scratch)
+
+        best_err = error(best_log, best_zp)
         for alpha in torch.linspace(1.0 / n, 1.0, n).flip(0)[1:].tolist():
             log_step, zp = self._step_and_zero(lo * alpha, hi * alpha)
-            err = self._lp_error(v, log_step, zp, p, dims, scratch)
+            err = error(log_step, zp)
             better = err < best_err  # ties keep the wider range
             best_err = torch.where(better, err, best_err)
             best_log = torch.where(better, log_step, best_log)
@@ -221,6 +255,45 @@ class UniformGrid(nn.Module):
         buf = fake_quant_into(out, v, torch.exp(log_step), zp, self.qmin, self.qmax, self.cfg.symmetric)
         buf.sub_(v).abs_().pow_(p)
         return buf.sum(dim=dims, keepdim=True)
+
+    def _check_hessian(self, v: Tensor, hessian: Tensor) -> Tensor:
+        """``hessian`` as float32 ``[C_in, C_in]`` (``group``: its diagonal blocks, ``[n_groups, gs, gs]``)."""
+        c_in = v[0].numel() if v.shape[0] else 0
+        if tuple(hessian.shape) != (c_in, c_in):
+            raise ValueError(
+                f"grid init 'output': the Hessian of a weight of shape {self.weight_shape} must be "
+                f"[{c_in}, {c_in}] (flattened inputs), got {list(hessian.shape)}"
+            )
+        h = hessian.detach().float()
+        if self.cfg.granularity != "group":
+            return h
+        n_groups, size = v.shape[1], v.shape[2]
+        # [g, i, g', j] = H[g*size + i, g'*size + j]; the diagonal g = g' is [i, j, g]
+        return h.reshape(n_groups, size, n_groups, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+
+    def _output_error(self, v: Tensor, log_step: Tensor, zp: Tensor, h: Tensor, out: Tensor) -> Tensor:
+        """``e^T H e`` of every row (``group``: ``e_g^T H_gg e_g`` of every group), in the scale's shape.
+
+        ``e = fake_quant(v) - v`` is computed in ``out``; the products are
+        taken over chunks of rows (about 2^24 elements each).
+        """
+        e = fake_quant_into(out, v, torch.exp(log_step), zp, self.qmin, self.qmax, self.cfg.symmetric).sub_(v)
+        rows = e.shape[0]
+        chunk = max(1, (1 << 24) // max(e[0].numel(), 1))
+        if self.cfg.granularity == "group":
+            err = torch.empty(rows, e.shape[1], dtype=e.dtype, device=e.device)
+            for r0 in range(0, rows, chunk):
+                eg = e[r0:r0 + chunk].transpose(0, 1)  # [n_groups, rows, size]
+                err[r0:r0 + chunk] = torch.bmm(eg, h).mul_(eg).sum(-1).t()
+            return err.unsqueeze(-1)  # [C_out, n_groups, 1]
+        flat = e.reshape(rows, -1)
+        err = torch.empty(rows, dtype=e.dtype, device=e.device)
+        for r0 in range(0, rows, chunk):
+            er = flat[r0:r0 + chunk]
+            err[r0:r0 + chunk] = (er @ h).mul_(er).sum(1)
+        if self.cfg.granularity == "tensor":
+            return err.sum().reshape((1,) * v.dim())
+        return err.reshape((rows,) + (1,) * (v.dim() - 1))
 
     def extra_repr(self) -> str:
         c = self.cfg

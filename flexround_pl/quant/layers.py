@@ -67,7 +67,10 @@ class QuantizedLayer(nn.Module):
     quantizer: Optional[WeightQuantizer]
     grid_cfg: GridConfig
 
-    def __init__(self, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None, load_only: bool = False):
+    def __init__(
+        self, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None, load_only: bool = False,
+        hessian: Optional[Tensor] = None,
+    ):
         super().__init__()
         bias = getattr(module, "bias", None)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -86,7 +89,7 @@ class QuantizedLayer(nn.Module):
             self.hardened, self.awaiting_load = True, True
         else:
             self.weight = nn.Parameter(module.weight.detach(), requires_grad=False)
-            self.quantizer = build_quantizer(self._grid_weight(), cfg, self.is_conv, bits)
+            self.quantizer = build_quantizer(self._grid_weight(), cfg, self.is_conv, bits, hessian)
             self.grid_cfg = self.quantizer.grid.cfg
             self.hardened, self.awaiting_load = False, False
         a_bits = cfg.activation.bits
@@ -98,8 +101,11 @@ class QuantizedLayer(nn.Module):
         )
 
     @classmethod
-    def from_float(cls, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None):
-        return cls(module, cfg, bits)
+    def from_float(
+        cls, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None, hessian: Optional[Tensor] = None
+    ):
+        """The wrapper of FP ``module``; ``hessian`` (its input Hessian) is for ``weight.init: output``."""
+        return cls(module, cfg, bits, hessian=hessian)
 
     @classmethod
     def for_loading(cls, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None):
@@ -215,8 +221,11 @@ class QuantizedLayer(nn.Module):
 class QuantLinear(QuantizedLayer):
     """Quantized ``nn.Linear``: ``y = x W_hat^T + b``."""
 
-    def __init__(self, module: nn.Linear, cfg: QuantConfig, bits: Optional[int] = None, load_only: bool = False):
-        super().__init__(module, cfg, bits, load_only)
+    def __init__(
+        self, module: nn.Linear, cfg: QuantConfig, bits: Optional[int] = None, load_only: bool = False,
+        hessian: Optional[Tensor] = None,
+    ):
+        super().__init__(module, cfg, bits, load_only, hessian)
         self.in_features, self.out_features = module.in_features, module.out_features
 
     def forward(self, x: Tensor) -> Tensor:
@@ -230,8 +239,11 @@ class QuantConv2d(QuantizedLayer):
 
     is_conv = True
 
-    def __init__(self, module: nn.Conv2d, cfg: QuantConfig, bits: Optional[int] = None, load_only: bool = False):
-        super().__init__(module, cfg, bits, load_only)
+    def __init__(
+        self, module: nn.Conv2d, cfg: QuantConfig, bits: Optional[int] = None, load_only: bool = False,
+        hessian: Optional[Tensor] = None,
+    ):
+        super().__init__(module, cfg, bits, load_only, hessian)
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
                      "dilation", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
             setattr(self, name, getattr(module, name))
@@ -255,8 +267,11 @@ class QuantConv1D(QuantizedLayer):
 
     transposed = True
 
-    def __init__(self, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None, load_only: bool = False):
-        super().__init__(module, cfg, bits, load_only)
+    def __init__(
+        self, module: nn.Module, cfg: QuantConfig, bits: Optional[int] = None, load_only: bool = False,
+        hessian: Optional[Tensor] = None,
+    ):
+        super().__init__(module, cfg, bits, load_only, hessian)
         self.nf, self.nx = module.nf, module.nx
 
     def forward(self, x: Tensor) -> Tensor:

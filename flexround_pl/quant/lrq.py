@@ -74,8 +74,11 @@ def lrq_rank(c_out: int, c_in: int, rank: Optional[int]) -> int:
 class LRQQuantizer(DivisionRounding):
     """``W_hat = s1 * (clamp(round_ste(W / (s1 * exp(L2 U2 + r2 + c2))) + zp, qmin, qmax) - zp)``."""
 
-    def __init__(self, weight: Tensor, grid_cfg: GridConfig, cfg: LRQConfig, is_conv: bool = False):
-        super().__init__(UniformGrid(weight, grid_cfg))
+    def __init__(
+        self, weight: Tensor, grid_cfg: GridConfig, cfg: LRQConfig, is_conv: bool = False,
+        hessian: Optional[Tensor] = None,
+    ):
+        super().__init__(UniformGrid(weight, grid_cfg, hessian))
         self.cfg = cfg
         self._init_log_s1(cfg.learn_s1)
         c_out, c_in = weight.shape[0], weight[0].numel()
@@ -101,7 +104,7 @@ class LRQQuantizer(DivisionRounding):
 
 register(
     "lrq",
-    lambda weight, grid_cfg, cfg, is_conv: LRQQuantizer(weight, grid_cfg, cfg.lrq, is_conv),
+    lambda weight, grid_cfg, cfg, is_conv, hessian: LRQQuantizer(weight, grid_cfg, cfg.lrq, is_conv, hessian),
     starts_anywhere=True,
 )
 

@@ -368,7 +368,8 @@ class NUPESQuantizer(WeightQuantizer):
 
 register(
     "nupes",
-    lambda weight, grid_cfg, cfg, is_conv: NUPESQuantizer(weight, grid_cfg, cfg.nupes, cfg.flexround, is_conv),
+    lambda weight, grid_cfg, cfg, is_conv, hessian: NUPESQuantizer(weight, grid_cfg, cfg.nupes, cfg.flexround, is_conv),
+    output_init=False,  # its power grid is searched on the weight error (QuantConfig refuses weight.init output)
 )
 
 __all__ = [

@@ -8,6 +8,8 @@ as in BRECQ, Li et al., ICLR 2021, arXiv 2102.05426). No learnable parameters.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -18,8 +20,8 @@ from .grid import GridConfig, UniformGrid
 class RoundToNearest(WeightQuantizer):
     """``W_hat = s1 * (clamp(round(W/s1) + zp, qmin, qmax) - zp)``; nothing learned."""
 
-    def __init__(self, weight: Tensor, grid_cfg: GridConfig):
-        super().__init__(UniformGrid(weight, grid_cfg))
+    def __init__(self, weight: Tensor, grid_cfg: GridConfig, hessian: Optional[Tensor] = None):
+        super().__init__(UniformGrid(weight, grid_cfg, hessian))
 
     def integers(self, weight: Tensor, hard: bool) -> Tensor:
         v = self.grid.group_view(weight.float())
@@ -27,4 +29,4 @@ class RoundToNearest(WeightQuantizer):
         return clamp_codes(torch.round(v / s1) + self.grid.zero_point, self.qmin, self.qmax)
 
 
-register("rtn", lambda weight, grid_cfg, cfg, is_conv: RoundToNearest(weight, grid_cfg))
+register("rtn", lambda weight, grid_cfg, cfg, is_conv, hessian: RoundToNearest(weight, grid_cfg, hessian))

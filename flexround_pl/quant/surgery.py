@@ -6,7 +6,7 @@ Plain PyTorch; the reconstruction loop (Lightning) only calls these helpers.
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,35 @@ def _qualify(prefix: str, *parts: str) -> str:
     return ".".join(p for p in (prefix, *parts) if p)
 
 
+def _children(root: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module, str]]:
+    """``(parent, child_name, child, local_name)`` of every child of every module under ``root``
+    (not inside a quantized wrapper), ``local_name`` relative to ``root``."""
+    for parent_name, parent in list(root.named_modules()):
+        if isinstance(parent, QuantizedLayer):
+            continue
+        # _modules, not named_children(): the latter yields a module registered
+        # twice under one parent only once, which would leave an FP alias behind
+        for child_name, child in list(parent._modules.items()):
+            if child is not None:
+                yield parent, child_name, child, _qualify("", parent_name, child_name)
+
+
+def quantizable_layers(
+    root: nn.Module, cfg: QuantConfig, keep_fp: Sequence[str] = (), prefix: str = ""
+) -> list[tuple[str, nn.Module]]:
+    """``(local_name, module)`` of every layer :func:`quantize_modules` would swap (with the same
+    ``cfg``, ``keep_fp`` and ``prefix``), a shared module once under the name it is wrapped at."""
+    keep = [re.compile(p) for p in (*keep_fp, *cfg.keep_fp)]
+    seen: set[int] = set()
+    layers = []
+    for _, _, child, local in _children(root):
+        if id(child) in seen or wrapper_class(child) is None or any(p.search(_qualify(prefix, local)) for p in keep):
+            continue
+        seen.add(id(child))
+        layers.append((local, child))
+    return layers
+
+
 def quantize_modules(
     root: nn.Module,
     cfg: QuantConfig,
@@ -52,6 +81,7 @@ def quantize_modules(
     eight_bit: Sequence[str] = (),
     prefix: str = "",
     load_only: bool = False,
+    hessians: Optional[Mapping[str, Tensor]] = None,
 ) -> list[str]:
     """Swap every Linear / Conv2d / HF Conv1D under ``root`` in place.
 
@@ -60,29 +90,29 @@ def quantize_modules(
     ``cfg.keep_fp`` stays FP; one matching ``eight_bit`` gets 8 bits.
     ``cfg.method`` picks the quantizer. A module shared by several parents
     gets one shared wrapper. ``load_only``: empty hardened wrappers to load
-    saved codes into (:meth:`QuantizedLayer.for_loading`). Returns the qualified names swapped.
+    saved codes into (:meth:`QuantizedLayer.for_loading`). ``hessians``:
+    input Hessians by local name (as :func:`quantizable_layers` names them),
+    handed to each layer's grid for ``weight.init: output``; a layer without
+    one gets ``lp``. Returns the qualified names swapped.
     """
     keep = [re.compile(p) for p in (*keep_fp, *cfg.keep_fp)]
     eight = [re.compile(p) for p in eight_bit]
     swapped: list[str] = []
     wrappers: dict[int, QuantizedLayer] = {}
-    for parent_name, parent in list(root.named_modules()):
-        if isinstance(parent, QuantizedLayer):
-            continue
-        # _modules, not named_children(): the latter yields a module registered
-        # twice under one parent only once, which would leave an FP alias behind
-        for child_name, child in list(parent._modules.items()):
-            if child is None:
+    for parent, child_name, child, local in _children(root):
+        name = _qualify(prefix, local)
+        if id(child) not in wrappers:
+            cls = wrapper_class(child)
+            if cls is None or any(p.search(name) for p in keep):
                 continue
-            name = _qualify(prefix, parent_name, child_name)
-            if id(child) not in wrappers:
-                cls = wrapper_class(child)
-                if cls is None or any(p.search(name) for p in keep):
-                    continue
-                bits = 8 if any(p.search(name) for p in eight) else None
-                wrappers[id(child)] = (cls.for_loading if load_only else cls.from_float)(child, cfg, bits=bits)
-            setattr(parent, child_name, wrappers[id(child)])
-            swapped.append(name)
+            bits = 8 if any(p.search(name) for p in eight) else None
+            if load_only:
+                wrappers[id(child)] = cls.for_loading(child, cfg, bits=bits)
+            else:
+                hessian = hessians.get(local) if hessians is not None else None
+                wrappers[id(child)] = cls.from_float(child, cfg, bits=bits, hessian=hessian)
+        setattr(parent, child_name, wrappers[id(child)])
+        swapped.append(name)
     return swapped
 
 

@@ -41,7 +41,7 @@ from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.callbacks import KeepBestParameters, holdout_callbacks
 from flexround_pl.reconstruct.config import ReconstructionConfig
 from flexround_pl.reconstruct.data import BlockDataModule
-from flexround_pl.reconstruct.gptq_hessian import compensate_block, uses_layer_hessians
+from flexround_pl.reconstruct.gptq_hessian import compensate_block, grid_init_hessians, uses_layer_hessians
 from flexround_pl.reconstruct.module import (
     BlockReconstruction,
     LossMean,
@@ -181,10 +181,15 @@ def quantize_blocks(
             log(f"{where}: finished by an earlier run, reloaded")
             continue
 
-        swapped = quantize_modules(block, quant, keep_fp=keep_fp, eight_bit=eight_bit, prefix=name)
+        # weight.init output: every layer's grid is searched on its output error, from the FP block's
+        # Hessians, before the swap, so every method starts from that grid
+        hessians = grid_init_hessians(teacher, cache, device, quant, recon, keep_fp, name)
+        swapped = quantize_modules(block, quant, keep_fp=keep_fp, eight_bit=eight_bit, prefix=name,
+                                   hessians=hessians)
         block.to(device)
         if uses_layer_hessians(quant):  # GPTQ: codes (method gptq) or starting weights (init_from gptq)
-            compensate_block(block, teacher, cache, device, quant, recon)
+            compensate_block(block, teacher, cache, device, quant, recon, hessians)
+        del hessians
         calibrate_block_activations(block, cache, device, recon.eval_batch_size, quant.activation.init_samples)
         dm = BlockDataModule(cache, recon.batch_size, recon.eval_batch_size, recon.seed + i, recon.holdout, recon.seed)
         loss_start: Optional[float] = None  # without training it equals loss_end: one pass fewer
@@ -280,7 +285,9 @@ def quantize_outside_blocks(model: nn.Module, arch: Architecture, quant: QuantCo
     """Round-to-nearest for quantizable layers outside every block that are not kept FP.
 
     They have no block to be reconstructed in; most adapters keep such layers
-    (heads, embeddings) in FP, so this is usually empty.
+    (heads, embeddings) in FP, so this is usually empty. They have no
+    calibration Hessian either: with ``weight.init: output`` their grid is
+    ``lp``'s (:class:`~flexround_pl.quant.grid.UniformGrid`).
     """
     keep_fp = tuple(arch.keep_fp) + tuple(quant.keep_fp)
     rtn = quant.as_rtn()

@@ -1,4 +1,4 @@
-"""The layer Hessians GPTQ needs, from the calibration cache, and their use in a block.
+"""The layer Hessians GPTQ and the output-aware grid need, from the calibration cache, and their use in a block.
 
 GPTQ (Frantar et al., ICLR 2023, arXiv 2210.17323) quantizes a block's layers
 with ``H = 2 X X^T / n``, ``X`` the inputs of each layer when the *quantized*
@@ -8,14 +8,17 @@ the paper's code does. Forward hooks on the teacher's layers accumulate
 ``X X^T`` while the cache runs through it once; padding tokens (the cache's
 ``loss_mask``) are left out.
 
-Used for ``quant.method: gptq`` (the codes) and ``quant.init_from: gptq``
+Used for ``quant.method: gptq`` (the codes), ``quant.init_from: gptq``
 (FlexRound / LRQ start from the GPTQ-compensated weight, so at step 0 they
-are GPTQ and the reconstruction loss can only improve on it).
+are GPTQ and the reconstruction loss can only improve on it) and
+``quant.weight.init: output`` (every method's grid is searched on
+``e^T H e``; :func:`grid_init_hessians`, computed before the block's layers
+are swapped, and the same Hessians GPTQ then uses).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +28,7 @@ from flexround_pl.quant.base import method_spec
 from flexround_pl.quant.config import QuantConfig
 from flexround_pl.quant.gptq import GPTQQuantizer, gptq_on_grid
 from flexround_pl.quant.layers import QuantizedLayer
-from flexround_pl.quant.surgery import quantized_layers
+from flexround_pl.quant.surgery import quantizable_layers, quantized_layers
 from flexround_pl.reconstruct.cache import CalibrationCache, to_device
 from flexround_pl.reconstruct.config import ReconstructionConfig
 from flexround_pl.reconstruct.data import holdout_split
@@ -68,7 +71,7 @@ def layer_hessians(
     indices: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """``H = 2 X X^T / n`` (float32, ``[C_in, C_in]``) of each named teacher layer, on ``cache.q_inputs[indices]``."""
-    modules = dict(teacher.named_modules())
+    modules = dict(teacher.named_modules(remove_duplicate=False))  # a shared layer under any of its names
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {n: 0 for n in names}
     mask: list[Optional[Tensor]] = [None]
@@ -100,6 +103,30 @@ def layer_hessians(
     return {n: sums[n] * (2.0 / counts[n]) for n in names}
 
 
+def training_hessians(
+    teacher: nn.Module, names: list[str], cache: CalibrationCache, device: torch.device, recon: ReconstructionConfig
+) -> dict[str, Tensor]:
+    """:func:`layer_hessians` on the training samples only (``reconstruction.holdout`` keeps the
+    held-out ones unseen by every method)."""
+    train, _ = holdout_split(len(cache), recon.holdout, recon.seed)
+    return layer_hessians(teacher, names, cache, device, recon.eval_batch_size, torch.tensor(train))
+
+
+def grid_init_hessians(
+    teacher: nn.Module, cache: CalibrationCache, device: torch.device, quant: QuantConfig,
+    recon: ReconstructionConfig, keep_fp: Sequence[str] = (), prefix: str = "",
+) -> dict[str, Tensor]:
+    """The input Hessian of every layer of the FP block ``teacher`` that will be quantized, by local name,
+    for ``weight.init: output`` (``quantize_modules(..., hessians=...)``); empty for the other inits.
+
+    Conv2d layers the hooks cannot unfold (groups, string padding) get none: their grid is ``lp``.
+    """
+    if quant.weight.init != "output":
+        return {}
+    names = [n for n, m in quantizable_layers(teacher, quant, keep_fp, prefix) if unsupported_by_gptq(m) is None]
+    return training_hessians(teacher, names, cache, device, recon) if names else {}
+
+
 def _grid_weight(layer: QuantizedLayer) -> Tensor:
     return layer._grid_weight().detach()
 
@@ -112,11 +139,14 @@ def compensate_block(
     device: torch.device,
     quant: QuantConfig,
     recon: ReconstructionConfig,
+    hessians: Optional[dict[str, Tensor]] = None,
 ) -> int:
     """GPTQ on every quantized layer of ``student`` (its teacher twin gives the Hessian).
 
     The Hessians use the training samples only (``reconstruction.holdout``
-    keeps the held-out ones unseen by every method).
+    keeps the held-out ones unseen by every method). ``hessians``: those
+    already computed for the block (:func:`grid_init_hessians`, the same
+    teacher, inputs and samples), reused; the missing ones are computed.
 
     ``method: gptq``: the layer's codes are fixed. ``init_from: gptq``: the
     layer's frozen starting weight becomes the GPTQ-compensated one (its
@@ -124,8 +154,10 @@ def compensate_block(
     of layers compensated.
     """
     layers = [(n, m) for n, m in quantized_layers(student) if m.quantizer is not None]
-    train, _ = holdout_split(len(cache), recon.holdout, recon.seed)
-    hessians = layer_hessians(teacher, [n for n, _ in layers], cache, device, recon.eval_batch_size, torch.tensor(train))
+    hessians = dict(hessians or {})
+    missing = [n for n, _ in layers if n not in hessians]
+    if missing:
+        hessians.update(training_hessians(teacher, missing, cache, device, recon))
     for name, layer in layers:
         q = layer.quantizer
         if isinstance(q, GPTQQuantizer):
