@@ -56,7 +56,8 @@ def main() -> None:
     parser.add_argument("--formats", nargs="*", default=None, help="default: every directory under <run>/export")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--tokens", type=int, default=24)
-    parser.add_argument("--generate", nargs="*", default=["fake_quant", "gptq", "gguf"])
+    parser.add_argument("--generate", nargs="*", default=["fp", "fake_quant", "gptq", "gguf"],
+                        help="whose greedy text to show (fp: the run's FP model); --generate with no name: none")
     parser.add_argument("--windows", type=int, default=None,
                         help="evaluate only the first N eval windows (gptqmodel's CPU kernels are slow); the run's "
                              "own number then covers other windows, so compare with fake_quant on the same N")
@@ -110,8 +111,6 @@ def main() -> None:
             json.dump(report, f, indent=2)
         del net
         model.net = fp_net
-    report["generation"]["fp"] = report["generation"].get("fp") or generate(fp_net, tokenizer, args.prompt,
-                                                                           args.tokens)
     with open(out_path, "w") as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report, indent=2))
