@@ -56,7 +56,11 @@ def main() -> None:
     parser.add_argument("--formats", nargs="*", default=None, help="default: every directory under <run>/export")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--tokens", type=int, default=24)
-    parser.add_argument("--generate", nargs="*", default=["fake_quant", "gptq", "gguf"])
+    parser.add_argument("--generate", nargs="*", default=["fp", "fake_quant", "gptq", "gguf"],
+                        help="whose greedy text to show (fp: the run's FP model); --generate with no name: none")
+    parser.add_argument("--windows", type=int, default=None,
+                        help="evaluate only the first N eval windows (gptqmodel's CPU kernels are slow); the run's "
+                             "own number then covers other windows, so compare with fake_quant on the same N")
     parser.add_argument("--gptq_dtype", default="float32", choices=["float32", "float16"],
                         help="compute dtype of the gptq / awq models (float16 matmuls are very slow on CPU)")
     args = parser.parse_args()
@@ -65,7 +69,8 @@ def main() -> None:
     from flexround_pl.cli import FlexRoundCLI
 
     run = os.path.abspath(args.run)
-    cli = FlexRoundCLI(args=["--config", os.path.join(run, "config.yaml")], run=False)
+    windows = ["--data.init_args.num_eval_windows", str(args.windows)] if args.windows else []
+    cli = FlexRoundCLI(args=["--config", os.path.join(run, "config.yaml"), *windows], run=False)
     model, datamodule = cli.model, cli.datamodule
     settings = pipeline.TrainerSettings(cli.config["trainer"].as_dict(), require_max_steps=False)
     pipeline.prepare(model, datamodule)
@@ -75,9 +80,9 @@ def main() -> None:
 
     fp_net = model.net
     fp = pipeline.evaluate(model, datamodule, settings, reference=True)
-    out_path = os.path.join(run, "export_eval.json")
+    out_path = os.path.join(run, f"export_eval_{args.windows}w.json" if args.windows else "export_eval.json")
     report = json.load(open(out_path)) if os.path.isfile(out_path) else {"formats": {}, "generation": {}}
-    report.update(run=run, fp=fp, run_quantized=results["quantized"])
+    report.update(run=run, fp=fp, run_quantized=results["quantized"], windows=args.windows)
     report["generation"]["prompt"] = args.prompt
     if "fp" in args.generate:
         report["generation"]["fp"] = generate(fp_net, tokenizer, args.prompt, args.tokens)
@@ -87,12 +92,15 @@ def main() -> None:
         net = load_format(fmt, directory, getattr(torch, args.gptq_dtype)).eval()
         net.config.use_cache = False
         model.net = net
+        wall = time.time()
         metrics = pipeline.evaluate(model, datamodule, settings)
+        wall = time.time() - wall
         from flexround_pl.export.directory import directory_nbytes
 
         entry = {"metrics": metrics, "size_mb": directory_nbytes(directory) / 2**20,
-                 "cpu_seconds_load_eval": time.process_time() - start,
-                 "perplexity_minus_run": metrics["perplexity"] - results["quantized"]["perplexity"]}
+                 "cpu_seconds_load_eval": time.process_time() - start, "eval_wall_s": wall}
+        if not args.windows:  # the run's number is over all its windows
+            entry["perplexity_minus_run"] = metrics["perplexity"] - results["quantized"]["perplexity"]
         if fmt in args.generate:
             entry["generation"] = generate(net, tokenizer, args.prompt, args.tokens)
         if fmt in ("gptq", "awq"):
@@ -103,8 +111,6 @@ def main() -> None:
             json.dump(report, f, indent=2)
         del net
         model.net = fp_net
-    report["generation"]["fp"] = report["generation"].get("fp") or generate(fp_net, tokenizer, args.prompt,
-                                                                           args.tokens)
     with open(out_path, "w") as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report, indent=2))
