@@ -126,7 +126,8 @@ class FlexRoundCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # The CLI's own trainer only carries settings; block trainers are built per block.
-        accelerator = self.config[self.subcommand]["trainer"].get("accelerator")
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        accelerator = config["trainer"].get("accelerator")
         with pipeline.quiet_lightning(), pipeline.accelerator_errors(accelerator):
             return super().instantiate_trainer(**kwargs)
 

@@ -31,3 +31,14 @@ def test_config_parses(path, capsys):
     assert printed["data"]["class_path"] == raw["data"]["class_path"]
     assert printed["model"]["quant"]["method"] == raw["model"]["quant"].get("method", "flexround")
     assert printed["trainer"]["default_root_dir"], "every config names its run directory"
+
+
+def test_the_cli_builds_without_a_subcommand_for_scripts(tmp_path, tiny_tokenizer, write_lm_config):
+    """``FlexRoundCLI(args=[...], run=False)`` (benchmarks/export_formats.py) parses and builds, runs nothing."""
+    from flexround_pl.cli import FlexRoundCLI
+    from test_causal_lm import _save_tiny
+
+    config = write_lm_config(tmp_path, _save_tiny("llama", tmp_path, tiny_tokenizer()))
+    cli = FlexRoundCLI(args=["--config", config], run=False)
+    assert cli.subcommand is None and cli.model.quant.method == "flexround"
+    assert not (tmp_path / "run").exists()
