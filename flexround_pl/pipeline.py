@@ -42,11 +42,10 @@ from flexround_pl.models import lazy
 from flexround_pl.models.moe import expert_tokens
 from flexround_pl.ptq import PTQModel
 from flexround_pl.reconstruct.cache import CalibrationCache
-from flexround_pl.reconstruct.driver import BlockResult, quantize_blocks, quantize_outside_blocks
+from flexround_pl.reconstruct.driver import BlockResult, quantize_blocks, quantize_outside_blocks, round_to_nearest
 from flexround_pl.reconstruct.gptq_hessian import unsupported_by_gptq, uses_layer_hessians
 from flexround_pl.reconstruct.module import calibrate_model_activations
 from flexround_pl.progress import peak_rss_mb
-from flexround_pl.quant.surgery import quantize_modules
 from flexround_pl.rundir import CACHE_DIR, CHECKPOINT_NAME, RESULTS_NAME, TENSORBOARD_DIR
 from flexround_pl.utils import check_writable_dir, is_rank_zero, state_dict_nbytes, write_json_atomic
 
@@ -428,12 +427,7 @@ def _rtn_baseline(
     fp_net = model.net
     with progress.heartbeat("RTN baseline: rounding a copy of the model to nearest"):
         rtn_net = copy.deepcopy(fp_net)
-        rtn = quant.as_rtn()
-        keep_fp = tuple(model.arch.keep_fp) + tuple(quant.keep_fp)
-        eight_bit = quant.eight_bit_patterns(model.arch.eight_bit)
-        for name, block in model.arch.blocks(rtn_net):
-            quantize_modules(block, rtn, keep_fp=keep_fp, eight_bit=eight_bit, prefix=name)
-        quantize_outside_blocks(rtn_net, model.arch, quant)  # the rest, as the run does; hardens everything
+        round_to_nearest(rtn_net, model.arch, quant)
     model.net = rtn_net
     try:
         metrics = evaluate(model, datamodule, settings, label="RTN baseline")

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from flexround_pl.quant import GPTQConfig, GPTQQuantizer, GridConfig, QuantConfig, QuantLinear, RoundToNearest
-from flexround_pl.quant.gptq import grid_per_weight, gptq_quantize
+from flexround_pl.quant.gptq import gptq_quantize, grid_per_weight
+from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.gptq_hessian import layer_hessians
 
 
@@ -90,21 +91,11 @@ def test_layer_hessians_hook_the_teacher_and_skip_padding():
         def forward(self, x, attention_mask=None):
             return self.fc(x)
 
-    class Cache:  # the three things layer_hessians reads
-        def __init__(self, inputs, mask):
-            self.q_inputs, self.loss_mask = inputs, mask
-
-        def __len__(self):
-            return len(self.q_inputs)
-
-        def call_args(self, index):
-            return (), {}
-
     torch.manual_seed(0)
     inputs = torch.randn(5, 3, 4)
     mask = torch.ones(5, 3, dtype=torch.long)
     mask[:, 2] = 0
-    h = layer_hessians(Block(), ["fc"], Cache(inputs, mask), torch.device("cpu"), batch_size=2)["fc"]
+    h = layer_hessians(Block(), ["fc"], CalibrationCache(inputs, ((), {}), [], mask), torch.device("cpu"), batch_size=2)["fc"]
     rows = inputs[:, :2].reshape(-1, 4)
     torch.testing.assert_close(h, 2 * rows.t() @ rows / rows.shape[0])
 

@@ -10,6 +10,7 @@ import transformers
 from torch import nn
 
 from flexround_pl.quant import GridConfig, QuantConfig, UniformGrid, quantize_modules, quantized_layers
+from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.config import ReconstructionConfig
 from flexround_pl.reconstruct.data import holdout_split
 
@@ -172,27 +173,17 @@ def test_grid_init_hessians_use_the_training_samples_of_the_fp_block_only():
         def forward(self, x, attention_mask=None):
             return self.head(self.act(self.fc(x)))
 
-    class Cache:  # what layer_hessians reads
-        def __init__(self, inputs):
-            self.q_inputs, self.loss_mask = inputs, None
-
-        def __len__(self):
-            return len(self.q_inputs)
-
-        def call_args(self, index):
-            return (), {}
-
     torch.manual_seed(0)
     inputs, block = torch.randn(8, 3, 4), Block()
     recon = ReconstructionConfig(holdout=0.25, eval_batch_size=3)
     quant = QuantConfig(weight=GridConfig(init="output"))
-    h = grid_init_hessians(block, Cache(inputs), torch.device("cpu"), quant, recon, keep_fp=[r"head$"], prefix="b")
+    h = grid_init_hessians(block, CalibrationCache(inputs, ((), {}), []), torch.device("cpu"), quant, recon, keep_fp=[r"head$"], prefix="b")
     assert set(h) == {"fc"}  # the FP layer gets none
     train, held = holdout_split(8, 0.25, recon.seed)
     assert len(held) == 2
     rows = inputs[train].reshape(-1, 4)
     torch.testing.assert_close(h["fc"], 2 * rows.t() @ rows / rows.shape[0])
-    assert grid_init_hessians(block, Cache(inputs), torch.device("cpu"), QuantConfig(), recon) == {}
+    assert grid_init_hessians(block, CalibrationCache(inputs, ((), {}), []), torch.device("cpu"), QuantConfig(), recon) == {}
 
 
 # ---------------------------------------------------------------------- end to end

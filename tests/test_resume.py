@@ -74,30 +74,36 @@ def _env(extra_path: str) -> dict[str, str]:
     return env
 
 
+def _fit_in_block_1(tmp_path, model_dir: str, write_config):
+    """``python -m flexround_pl fit`` in a subprocess (steps slowed down), returned once it is inside block 1:
+    ``(process, command, run dir, resume/state.json)``; its stdout / stderr go to ``first.log`` / ``first.err``."""
+    (tmp_path / "slow_steps.py").write_text(SLOW_STEPS)
+    cfg = _config(write_config, tmp_path, model_dir, callbacks=[{"class_path": "slow_steps.SlowSteps",
+                                                    "init_args": {"seconds": 0.05}}])
+    run = tmp_path / "run"
+    state_file = run / "resume" / "state.json"
+    cmd = [sys.executable, "-m", "flexround_pl", "fit", "--config", cfg]
+    with open(tmp_path / "first.log", "w") as out, open(tmp_path / "first.err", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(str(tmp_path)), stdout=out, stderr=err)
+    deadline = time.monotonic() + 300
+    while not state_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail("the first block never finished:\n" + (tmp_path / "first.err").read_text()[-3000:])
+        time.sleep(0.02)
+    time.sleep(0.3)  # now inside block 1, which sleeps >= 1 s in training alone
+    return proc, cmd, run, state_file
+
+
 def test_sigkill_mid_block_then_rerun_resumes_and_gives_bitwise_identical_codes(
     tmp_path, tiny_bert_dir, reference, monkeypatch, capfd, write_config
 ):
     """``python -m flexround_pl fit`` killed in block 1, then the same command again (in process, to save
     an interpreter start): block 0 is reloaded, block 1 redone, the codes equal an uninterrupted run's."""
-    (tmp_path / "slow_steps.py").write_text(SLOW_STEPS)
-    cfg = _config(write_config, tmp_path, tiny_bert_dir, callbacks=[{"class_path": "slow_steps.SlowSteps",
-                                                       "init_args": {"seconds": 0.05}}])
-    run = tmp_path / "run"
-    state_file = run / "resume" / "state.json"
-    cmd = [sys.executable, "-m", "flexround_pl", "fit", "--config", cfg]
-    env = _env(str(tmp_path))
-
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while not state_file.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("the first block never finished:\n" + (tmp_path / "first.log").read_text()[-3000:])
-            time.sleep(0.02)
-        time.sleep(0.3)  # now inside block 1, which sleeps >= 1 s in training alone
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc, cmd, run, state_file = _fit_in_block_1(tmp_path, tiny_bert_dir, write_config)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
     assert proc.returncode == -signal.SIGKILL
     state = json.loads(state_file.read_text())
     assert list(state["blocks"]) == ["0"], "the kill did not land in the middle of block 1"
@@ -120,23 +126,10 @@ def test_sigterm_mid_block_stops_with_143_and_the_resume_line_then_the_run_resum
     tmp_path, tiny_bert_dir, reference, monkeypatch, capfd, write_config
 ):
     """``kill <pid>`` (a scheduler's preemption) in block 1: Lightning alone would note it and go on."""
-    (tmp_path / "slow_steps.py").write_text(SLOW_STEPS)
-    cfg = _config(write_config, tmp_path, tiny_bert_dir, callbacks=[{"class_path": "slow_steps.SlowSteps",
-                                                       "init_args": {"seconds": 0.05}}])
-    run = tmp_path / "run"
-    state_file = run / "resume" / "state.json"
-    cmd = [sys.executable, "-m", "flexround_pl", "fit", "--config", cfg]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(str(tmp_path)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not state_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the first block never finished:\n" + proc.communicate()[1][-3000:])
-        time.sleep(0.02)
-    time.sleep(0.3)  # inside block 1
+    proc, cmd, run, state_file = _fit_in_block_1(tmp_path, tiny_bert_dir, write_config)
     proc.terminate()  # SIGTERM
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    err = (tmp_path / "first.err").read_text()
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
         "flexround_pl: terminated (SIGTERM): the finished blocks are saved"), err[-3000:]

@@ -289,6 +289,16 @@ def quantize_outside_blocks(model: nn.Module, arch: Architecture, quant: QuantCo
     calibration Hessian either: with ``weight.init: output`` their grid is
     ``lp``'s (:class:`~flexround_pl.quant.grid.UniformGrid`).
     """
+    return round_to_nearest(model, arch, quant)
+
+
+def round_to_nearest(model: nn.Module, arch: Architecture, quant: QuantConfig) -> list[str]:
+    """RTN on ``quant``'s grid for every quantizable layer not yet quantized and not kept FP, hardened.
+
+    After the blocks: the layers outside them. On an FP copy: the whole RTN
+    model a run is compared with (``pipeline``'s RTN baseline), layer for
+    layer what the blocks would get (the same names, FP and 8-bit patterns).
+    """
     keep_fp = tuple(arch.keep_fp) + tuple(quant.keep_fp)
     rtn = quant.as_rtn()
     swapped = quantize_modules(model, rtn, keep_fp=keep_fp, eight_bit=quant.eight_bit_patterns(arch.eight_bit))
