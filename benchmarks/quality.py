@@ -211,7 +211,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv, extra = methods_bench.split_overrides(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                        help="default: all, or none with --merge / --from_summary (then it only merges)")
     parser.add_argument("--bits", nargs="+", type=int, default=[4])
     parser.add_argument("--steps", nargs="+", type=int, default=[40], help="steps per block of the learned methods")
     parser.add_argument("--granularity", default="channel", choices=("channel", "group"))
@@ -225,6 +226,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--autoround_python", default="/tmp/arvenv/bin/python")
     parser.add_argument("--collect", action="store_true", help="run nothing: re-read the finished runs")
     parser.add_argument("--from_summary", nargs="*", default=[], help="methods.py summary.json files to add")
+    parser.add_argument("--merge", nargs="*", default=[],
+                        help="other quality.json files whose rows to add (runs made in parallel with their own --out)")
     args = parser.parse_args(argv)
 
     name = os.path.splitext(os.path.basename(args.config))[0]
@@ -244,6 +247,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     for path in args.from_summary:
         with open(path) as f:
             new += [row_from_results(r) for r in json.load(f)["rows"]]
+    for path in args.merge:
+        with open(path) as f:
+            new = merge(new, json.load(f))
+    if args.methods is None:
+        args.methods = [] if args.merge or args.from_summary else list(METHODS)
     for bits in args.bits:
         for method in args.methods:
             for steps in ([0] if method in TRAINS_NOTHING else args.steps):

@@ -20,6 +20,7 @@ CASES = {
     "unknown config key": (["--model.quant.bitz", "4"], "unrecognized arguments: --model.quant.bitz"),
     "bits out of range": (["--model.quant.weight.bits", "9"], "bits must be an integer from 2 to 8, got 9"),
     "bits not a number": (["--model.quant.weight.bits", "four"], '"model.quant.weight.bits": Expected a'),
+    "search stride zero": (["--model.quant.weight.search_stride", "0"], "search_stride must be an integer >= 1"),
     "unknown granularity": (["--model.quant.weight.granularity", "row"], "model.quant.weight.granularity"),
     "unknown method": (["--model.quant.method", "awq"], '"model.quant.method"'),
     "group size vs layer shapes": (

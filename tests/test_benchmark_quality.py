@@ -78,3 +78,14 @@ def test_plot_writes_a_png(tmp_path):
     rows.append(quality.row_from_results(_results("gptq", 4, 0, 25.0, 190.0)))
     quality.plot(rows, str(tmp_path / "q.png"))
     assert (tmp_path / "q.png").stat().st_size > 1000
+
+
+def test_merge_adds_the_rows_of_parallel_lanes_without_running_anything(tmp_path):
+    lane_a, lane_b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "quality.json"
+    old = {"method": "lrq", "bits": 4, "granularity": "channel", "group_size": None, "steps": 40, "perplexity": 99.0}
+    out.write_text(json.dumps([old, {**old, "method": "rtn", "steps": 0, "perplexity": 34.5}]))
+    lane_a.write_text(json.dumps([{**old, "perplexity": 21.0}]))  # a re-run of the lrq row
+    lane_b.write_text(json.dumps([{**old, "method": "flexround", "recipe": "relative", "perplexity": 19.1}]))
+    quality.main(["--config", "c.yaml", "--merge", str(lane_a), str(lane_b), "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["perplexity"]) for r in rows] == [("rtn", 34.5), ("flexround", 19.1), ("lrq", 21.0)]

@@ -37,11 +37,13 @@ def _psd(n: int, seed: int) -> torch.Tensor:
 
 def _reference_grid(w: torch.Tensor, h: torch.Tensor, cfg: GridConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Step and zero point of every row / group minimizing ``(q(w) - w) @ H @ (q(w) - w)``, float64, one loop
-    per unit and candidate: ``alpha = 1`` first, then ``(n-1)/n ... 1/n``; the first minimum wins."""
+    per unit and candidate: ``alpha = 1`` first, then ``(n-1)/n ... 1/n``; the first minimum wins.
+
+    ``cfg.search_stride = s > 1``: that minimum over ``k = n, n - s, n - 2s, ...`` (``alpha = k / n``) first,
+    then over the window ``k0 - s + 1 .. k0 + s - 1`` around its ``k0``, widest first again."""
     w, h = w.double(), h.double()
     qmin, qmax = cfg.qmin, cfg.qmax
     n = cfg.lp_candidates
-    alphas = [1.0] + [k / n for k in range(n - 1, 0, -1)]
     c_out, c_in = w.shape
     if cfg.granularity == "tensor":
         units = [(slice(None), slice(None))]
@@ -55,8 +57,9 @@ def _reference_grid(w: torch.Tensor, h: torch.Tensor, cfg: GridConfig) -> tuple[
         block = w[rows, cols]
         hb = h[cols, cols]  # group: its diagonal block of H
         lo0, hi0 = min(block.min().item(), 0.0), max(block.max().item(), 0.0)
-        best = None
-        for alpha in alphas:
+
+        def score(k: int) -> tuple[float, float, float]:
+            alpha = 1.0 if k == n else k / n
             lo, hi = lo0 * alpha, hi0 * alpha
             if cfg.symmetric:
                 step, zp = max(hi / qmax, lo / qmin), 0.0
@@ -67,8 +70,16 @@ def _reference_grid(w: torch.Tensor, h: torch.Tensor, cfg: GridConfig) -> tuple[
             for r in range(block.shape[0]):
                 e = step * (torch.clamp(torch.round(block[r] / step) + zp, qmin, qmax) - zp) - block[r]
                 err += float(e @ hb @ e)
-            if best is None or err < best[0]:
-                best = (err, step, zp)
+            return err, step, zp
+
+        def first_minimum(ks: list[int]) -> tuple[int, tuple[float, float, float]]:
+            scored = [(k, score(k)) for k in ks]  # widest range first
+            return min(scored, key=lambda ks_: ks_[1][0])  # min() keeps the first of equal errors
+
+        s_ = cfg.search_stride
+        k0, best = first_minimum(list(range(n, 0, -s_)))
+        if s_ > 1:
+            k0, best = first_minimum(list(range(min(n, k0 + s_ - 1), max(1, k0 - s_ + 1) - 1, -1)))
         steps.append(best[1])
         zps.append(best[2])
     shape = {"tensor": (1, 1), "channel": (c_out, 1), "group": (c_out, c_in // max(cfg.group_size, 1), 1)}
@@ -91,6 +102,23 @@ def test_the_output_grid_is_the_brute_force_minimum_of_e_h_e(granularity, symmet
     minmax = UniformGrid(w, GridConfig(bits=3, symmetric=symmetric, granularity=granularity, group_size=4,
                                        init="minmax"))
     assert not torch.equal(grid.log_scale, minmax.log_scale)  # the search moved something
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_search_stride_scores_every_sth_candidate_then_each_units_neighbours(granularity, symmetric, monkeypatch):
+    torch.manual_seed(5)
+    w = torch.randn(8, 16) * torch.linspace(0.2, 2.0, 16)
+    h = _psd(16, seed=6)
+    common = dict(bits=3, symmetric=symmetric, granularity=granularity, group_size=4, init="output", lp_candidates=30)
+    scored = []
+    score = UniformGrid._output_error
+    monkeypatch.setattr(UniformGrid, "_output_error", lambda self, *a: scored.append(1) or score(self, *a))
+    strided = UniformGrid(w, GridConfig(search_stride=4, **common), hessian=h.float())
+    assert len(scored) == 8 + 2 * 3  # k = 30, 26, ..., 2, then 3 neighbours on either side: 14 of 30
+    step, zp = _reference_grid(w, h, GridConfig(search_stride=4, **common))
+    torch.testing.assert_close(strided.step().double(), step, rtol=1e-5, atol=0)
+    assert torch.equal(strided.zero_point.double(), zp)
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])

@@ -62,6 +62,7 @@ class GridConfig:
     init: GridInit = "lp"
     lp_norm: float = 2.4
     lp_candidates: int = 100
+    search_stride: int = 1
 
     def __post_init__(self) -> None:
         validate_bits(self.bits, "bits")
@@ -75,6 +76,8 @@ class GridConfig:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.lp_candidates < 1:
             raise ValueError(f"lp_candidates must be >= 1, got {self.lp_candidates}")
+        if isinstance(self.search_stride, bool) or not isinstance(self.search_stride, int) or self.search_stride < 1:
+            raise ValueError(f"search_stride must be an integer >= 1 (1: every candidate), got {self.search_stride!r}")
 
     @property
     def qmin(self) -> int:
@@ -240,14 +243,31 @@ class UniformGrid(nn.Module):
             def error(log_step: Tensor, zp: Tensor) -> Tensor:
                 return self._output_error(v, log_step, zp, h, scratch)
 
+        alphas = torch.linspace(1.0 / n, 1.0, n)  # candidate k (1..n) shrinks the range to alphas[k - 1] = k / n
+        stride = self.cfg.search_stride
         best_err = error(best_log, best_zp)
-        for alpha in torch.linspace(1.0 / n, 1.0, n).flip(0)[1:].tolist():
+        best_k = torch.full(best_err.shape, n, dtype=torch.long, device=best_err.device)
+
+        def consider(k: Tensor | int, ties_take: bool) -> None:
+            nonlocal best_err, best_log, best_zp, best_k
+            alpha = alphas[k - 1].item() if isinstance(k, int) else alphas.to(k.device)[k - 1]
             log_step, zp = self._step_and_zero(lo * alpha, hi * alpha)
             err = error(log_step, zp)
-            better = err < best_err  # ties keep the wider range
+            better = err <= best_err if ties_take else err < best_err
             best_err = torch.where(better, err, best_err)
             best_log = torch.where(better, log_step, best_log)
             best_zp = torch.where(better, zp, best_zp)
+            best_k = torch.where(better, k, best_k)
+
+        # from the widest range down; a tie keeps the wider range (the one scored first)
+        for k in range(n - stride, 0, -stride):
+            consider(k, ties_take=False)
+        if stride > 1:  # each unit's neighbours, in the same order: wider ones win ties
+            centre = best_k.clone()
+            for d in range(1, stride):
+                consider((centre + d).clamp(max=n), ties_take=True)
+            for d in range(1, stride):
+                consider((centre - d).clamp(min=1), ties_take=False)
         return best_log, best_zp
 
     def _lp_error(self, v: Tensor, log_step: Tensor, zp: Tensor, p: float, dims, out: Tensor) -> Tensor:
