@@ -94,7 +94,7 @@ def test_the_output_grid_is_the_brute_force_minimum_of_e_h_e(granularity, symmet
     w = torch.randn(6, 16) * torch.linspace(0.2, 2.0, 16)  # unequal columns: H's weighting matters
     h = _psd(16, seed=2)
     cfg = GridConfig(bits=3, symmetric=symmetric, granularity=granularity, group_size=4, init="output",
-                     lp_candidates=20)
+                     lp_candidates=20, search_stride=1)
     grid = UniformGrid(w, cfg, hessian=h.float())
     step, zp = _reference_grid(w, h, cfg)
     torch.testing.assert_close(grid.step().double(), step, rtol=1e-5, atol=0)
@@ -129,7 +129,7 @@ def test_with_an_identity_hessian_the_output_grid_is_the_l2_grid(granularity, sy
     w = torch.randn(*shape)
     c_in = w[0].numel()
     common = dict(bits=4, symmetric=symmetric, granularity=granularity, group_size=8)
-    output = UniformGrid(w, GridConfig(init="output", **common), hessian=torch.eye(c_in))
+    output = UniformGrid(w, GridConfig(init="output", search_stride=1, **common), hessian=torch.eye(c_in))
     l2 = UniformGrid(w, GridConfig(init="lp", lp_norm=2.0, **common))
     assert torch.equal(output.log_scale, l2.log_scale) and torch.equal(output.zero_point, l2.zero_point)
 
@@ -272,3 +272,5 @@ def test_nupes_refuses_the_output_grid_in_one_line(tmp_path, tiny_bert_dir, writ
         QuantConfig(method="nupes", weight=GridConfig(init="output"))
     with pytest.raises(ValueError, match="'minmax', 'lp' or 'output'"):
         GridConfig(init="hessian")
+    with pytest.raises(ValueError, match="method 'nupes' searches a grid of its own"):
+        QuantConfig(method="nupes", weight=GridConfig(search_stride=4))  # it would be ignored: refused instead

@@ -135,6 +135,11 @@ class QuantConfig:
                 f"quant.weight.init output searches the uniform grid of {takes} on the layer's output error; "
                 f"method {self.method!r} searches a grid of its own on the weight error: use weight.init lp or minmax"
             )
+        if self.weight.effective_search_stride > 1 and not method_spec(self.method).output_init:
+            raise ValueError(
+                f"quant.weight.search_stride thins the range search of the uniform grid; method {self.method!r} "
+                "searches a grid of its own (nupes.exponent_candidates, weight.lp_candidates): use search_stride 1"
+            )
 
 
 __all__ = [

@@ -53,6 +53,12 @@ class GridConfig:
     driver computes every layer's ``H`` from the FP block before it builds the
     quantizers; a layer with no ``H`` (outside every block, or a Conv2d the
     Hessian hooks do not cover: groups / string padding) gets ``lp``.
+    ``search_stride``: ``1`` scores every candidate; ``s > 1`` scores every
+    ``s``-th, then each channel / group refines over the ``s - 1`` candidates
+    on either side of its best (``n / s + 2(s - 1)`` scores instead of ``n``);
+    ``None`` (default): 4 for ``output``, whose ``e^T H e`` scores are the
+    cost (measured on SmolLM2 W3 per channel: RTN perplexity 56.76 at 221
+    quantize CPU-s, against 58.69 at 337 with every candidate), 1 for ``lp``.
     """
 
     bits: int = 4
@@ -62,7 +68,7 @@ class GridConfig:
     init: GridInit = "lp"
     lp_norm: float = 2.4
     lp_candidates: int = 100
-    search_stride: int = 1
+    search_stride: Optional[int] = None
 
     def __post_init__(self) -> None:
         validate_bits(self.bits, "bits")
@@ -76,8 +82,16 @@ class GridConfig:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.lp_candidates < 1:
             raise ValueError(f"lp_candidates must be >= 1, got {self.lp_candidates}")
-        if isinstance(self.search_stride, bool) or not isinstance(self.search_stride, int) or self.search_stride < 1:
-            raise ValueError(f"search_stride must be an integer >= 1 (1: every candidate), got {self.search_stride!r}")
+        stride = self.search_stride
+        if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
+            raise ValueError(f"search_stride must be an integer >= 1 (1: every candidate) or null, got {stride!r}")
+
+    @property
+    def effective_search_stride(self) -> int:
+        """``search_stride``, or its default: 4 for the costly ``output`` search, 1 (every candidate) otherwise."""
+        if self.search_stride is not None:
+            return self.search_stride
+        return 4 if self.init == "output" else 1
 
     @property
     def qmin(self) -> int:
@@ -244,7 +258,7 @@ class UniformGrid(nn.Module):
                 return self._output_error(v, log_step, zp, h, scratch)
 
         alphas = torch.linspace(1.0 / n, 1.0, n)  # candidate k (1..n) shrinks the range to alphas[k - 1] = k / n
-        stride = self.cfg.search_stride
+        stride = self.cfg.effective_search_stride
         best_err = error(best_log, best_zp)
         best_k = torch.full(best_err.shape, n, dtype=torch.long, device=best_err.device)
 
