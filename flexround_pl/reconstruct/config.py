@@ -54,7 +54,7 @@ class ReconstructionConfig:
     ``drop_massive`` (positions whose target norm exceeds ``massive_ratio`` x
     the median left out). SmolLM2's first position carries ~99 % of a block
     output's squared norm from layer 11 on (massive activations), so plain
-    MSE mostly fits that one token (measured: README "SmolLM2: every method, per channel and group 64, and the LLM recipe").
+    MSE mostly fits that one token (measured: README "SmolLM2: every method, ..., and the LLM recipe").
     """
 
     lr: float = 1e-3
