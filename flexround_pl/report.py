@@ -55,6 +55,10 @@ RTN_AT_START = ("flexround", "adaround")
 
 
 def block_table(blocks: Sequence[dict[str, Any]], method: str) -> list[str]:
+    if any(b.get("loss_start") is None for b in blocks):  # reconstruction.validate_initial false
+        rows = [["block", f"{method} loss (end)"]] + [[b["name"], f"{b['loss_end']:.4g}"] for b in blocks]
+        rows.append(["sum", f"{sum(b['loss_end'] for b in blocks):.4g}"])
+        return _markdown(rows)
     start = "RTN" if method in RTN_AT_START else "start"
     rows = [["block", f"{start} loss (start)", f"{method} loss (end)", f"{start} / end"]]
     for b in blocks:

@@ -75,17 +75,33 @@ def test_subcommands(capsys):
     assert len(err) == 1 and "predict" in err[0]
 
 
-@pytest.mark.parametrize("evaluations, hard_loss_passes", [(2, 1), (0, 2)])
-def test_final_validation_is_reused_not_recomputed(tmp_path, tiny_bert_dir, monkeypatch, evaluations,
-                                                   hard_loss_passes, write_config):
-    """With validation at the last step, the driver's best-vs-last check costs no extra pass over the data."""
-    from flexround_pl.reconstruct import driver
+@pytest.mark.parametrize("evaluations, validate_initial, hard_loss_passes", [(2, True, 1), (0, True, 1), (1, False, 0)])
+def test_final_validation_is_the_advance_pass(tmp_path, tiny_bert_dir, monkeypatch, evaluations, validate_initial,
+                                              hard_loss_passes, write_config):
+    """Per block: the initial loss (unless validate_initial false), the trainer's validations before the
+    last step, and one pass that scores the last step and feeds the next block: no other pass."""
+    from flexround_pl.reconstruct import driver, module
 
-    calls = []
+    calls, validated = [], []
     original = driver._hard_loss
     monkeypatch.setattr(driver, "_hard_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
+    step = module.BlockReconstruction.validation_step
+
+    def validation_step(self, batch, batch_idx):
+        step(self, batch, batch_idx)
+        if self.validated_step == self.global_step and batch_idx == 0:
+            validated.append(self.global_step)
+
+    monkeypatch.setattr(module.BlockReconstruction, "validation_step", validation_step)
     cfg = write_config(tmp_path, tiny_bert_dir)
-    assert main(["fit", "--config", cfg, "--model.reconstruction.evaluations", str(evaluations)]) == 0
+    assert main(["fit", "--config", cfg, "--model.reconstruction.evaluations", str(evaluations),
+                 "--model.reconstruction.validate_initial", str(validate_initial).lower()]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert len(calls) == hard_loss_passes * len(results["blocks"])  # loss_start (+ last without validation)
+    blocks = results["blocks"]
+    assert len(calls) == hard_loss_passes * len(blocks)
+    assert validated == ([15] * len(blocks) if evaluations == 2 else [])  # 30 steps: never at the last one
+    assert all(b["best_step"] == 30 for b in blocks)
+    if not validate_initial:
+        assert all(b["loss_start"] is None for b in blocks)
+        return
     assert all(b["loss_end"] < b["loss_start"] for b in results["blocks"])

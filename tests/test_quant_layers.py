@@ -120,6 +120,27 @@ def test_flexround_harden_is_exact(case, granularity):
     assert all(not p.requires_grad for p in q.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", METHODS + ["nupes"])
+@pytest.mark.parametrize("case", ["linear", "conv", "conv1d"])
+def test_hard_rounding_validation_computes_the_hardened_layer_bit_for_bit(case, method, dtype):
+    """The driver keeps a validated block's outputs as the next block's inputs: a resumed run, which
+    reloads the codes, must see the same inputs, so hard mode without gradients is the hardened layer."""
+    fp, x = _cases()[case]
+    fp, x = fp.to(dtype), x.to(dtype)
+    cfg = _cfg(method, bits=3, symmetric=False, granularity="group" if case != "conv" else "channel", group_size=4)
+    q = WRAPPER[type(fp)].from_float(fp, cfg)
+    with torch.no_grad():  # move away from the initial grid, across rounding boundaries
+        for p in learnable_parameters(q):
+            p.add_(0.3 * torch.randn_like(p))
+    q.quantizer.hard = True
+    with torch.no_grad():
+        validated = q(x)
+    q.harden()
+    assert q.weight.dtype == dtype and q.weight.is_contiguous()
+    assert torch.equal(q(x), validated)
+
+
 def test_symmetric_group_codes_are_int8_and_equal_plain_rtn():
     fp, x = _cases()["linear"]
     q = QuantLinear.from_float(fp, _cfg("rtn", bits=8, granularity="group", group_size=8))

@@ -204,7 +204,7 @@ def _materialize_block(block: nn.Module, state: _Block, device: torch.device) ->
     _load_params(block, state.keys, state.shards, device)
     for layer in _hardened(block):
         if layer.weight.is_meta:  # recomputed exactly as QuantizedLayer._set_hardened computes it
-            layer._buffers["weight"] = layer.dequantize().to(layer.fp_dtype).contiguous()
+            layer._buffers["weight"] = layer.decoded_weight()
 
 
 def _drop_block(block: nn.Module, state: _Block) -> None:

@@ -126,10 +126,38 @@ class QuantizedLayer(nn.Module):
         return w.t() if self.transposed else w
 
     def quantized_weight(self) -> Tensor:
-        """Soft fake-quantized weight (fp32, training) or the cached dequantized one."""
+        """Soft fake-quantized weight (fp32, training), the hardened layer's weight (hard rounding
+        without gradients: validation) or the cached dequantized one (hardened)."""
         if self.hardened:
             return self.weight
+        if self.quantizer.hard and not torch.is_grad_enabled():
+            return self.hard_weight()
         return self._to_fp_layout(self.quantizer(self._grid_weight()))
+
+    @torch.no_grad()
+    def hard_weight(self) -> Tensor:
+        """The weight :meth:`harden` will cache, bit for bit, while the quantizer is still there.
+
+        Hard-rounding validation computes with it, so a block validated in hard
+        mode gives the hardened block's outputs exactly: the driver keeps those
+        outputs as the next block's inputs instead of running the block again,
+        and a resumed run (which reloads the codes) sees the same inputs.
+        """
+        q = self.quantizer
+        assert q is not None
+        exponent = q.exponent()
+        return self._decoded(q.codes(self._grid_weight()), q.scale(), q.grid.zero_point.detach().float(),
+                             None if exponent is None else exponent.reshape(()))
+
+    def _decoded(self, codes: Tensor, scale: Tensor, zero_point: Tensor, exponent: Optional[Tensor]) -> Tensor:
+        """Codes -> the layer's weight: FP layout and dtype, contiguous (kernels must not depend on how the
+        codes were made: :meth:`harden`, a loaded checkpoint or :meth:`hard_weight`)."""
+        u = dequantize_codes(codes, scale, zero_point, self.grid_cfg, exponent)
+        return self._to_fp_layout(u).to(self.fp_dtype).contiguous()
+
+    def decoded_weight(self) -> Tensor:
+        """The hardened layer's weight from its codes (what its cached ``weight`` holds)."""
+        return self._decoded(self.codes, self.scale, self.zero_point, getattr(self, "exponent", None))
 
     def dequantize(self) -> Tensor:
         """``scale * (codes - zero_point)`` in the FP weight's shape (float32)."""
@@ -167,9 +195,7 @@ class QuantizedLayer(nn.Module):
         if self.act_quant is not None:
             self.act_quant.scale.requires_grad_(False)
         self.hardened = True
-        # contiguous: the layout must not depend on how the codes were made (harden() vs a
-        # loaded checkpoint), or kernels differ and a reloaded model is not bitwise the same
-        self.register_buffer("weight", self.dequantize().to(self.fp_dtype).contiguous(), persistent=False)
+        self.register_buffer("weight", self.decoded_weight(), persistent=False)
 
     @torch.no_grad()
     def round_scale(self, dtype: torch.dtype) -> None:
@@ -179,7 +205,7 @@ class QuantizedLayer(nn.Module):
         """
         self.scale.copy_(self.scale.to(dtype).float())
         if not self.weight.is_meta:  # a released lazy block recomputes it at its next forward
-            self._buffers["weight"] = self.dequantize().to(self.fp_dtype).contiguous()
+            self._buffers["weight"] = self.decoded_weight()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a hardened checkpoint loaded into a fresh wrapper: become hardened first

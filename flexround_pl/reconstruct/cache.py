@@ -660,7 +660,15 @@ class CalibrationCache:
         """
         if self.targets is None:
             raise RuntimeError("compute_targets must run before advance")
-        self.q_inputs = self.apply(hardened_block, self.q_inputs, device, batch_size, each)
+        self.advance_to(self.apply(hardened_block, self.q_inputs, device, batch_size, each))
+
+    def advance_to(self, q_outputs: Tensor) -> None:
+        """:meth:`advance` with the hardened block's outputs already computed (``apply`` on ``q_inputs``)."""
+        if self.targets is None:
+            raise RuntimeError("compute_targets must run before advance")
+        if q_outputs.shape[0] != len(self):
+            raise ValueError(f"advance_to: {q_outputs.shape[0]} outputs for {len(self)} calibration samples")
+        self.q_inputs = q_outputs
         self.fp_inputs, self.targets = self.targets, None
         self.block_index += 1
 

@@ -28,12 +28,16 @@ class KeepBestParameters(L.Callback):
         self.best = initial_loss
         self.best_step = 0
         self.last: Optional[tuple[int, float]] = None  # (step, loss) of the latest validation
+        self._params: list[torch.Tensor] = []
         self._snapshot: Optional[list[torch.Tensor]] = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._snapshot = [p.detach().clone() for p in pl_module.params]
+        self._params = list(pl_module.params)
+        self._snapshot = [p.detach().clone() for p in self._params]
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "validated_step", trainer.global_step) != trainer.global_step:
+            return  # the module left this validation to the driver: the metric is an earlier one
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
             return
@@ -43,11 +47,12 @@ class KeepBestParameters(L.Callback):
             self.best, self.best_step = value, trainer.global_step
             self._snapshot = [p.detach().clone() for p in pl_module.params]
 
-    def restore(self, pl_module: L.LightningModule) -> None:
+    def restore(self) -> None:
+        """Copy the best parameters back into the block's quantizers (after ``fit``)."""
         if self._snapshot is None:
             return
         with torch.no_grad():
-            for p, saved in zip(pl_module.params, self._snapshot):
+            for p, saved in zip(self._params, self._snapshot):
                 p.copy_(saved)
 
 

@@ -8,7 +8,9 @@ For each block (BRECQ granularity, given by the architecture adapter):
 3. train the quantizers with a *fresh* Lightning ``Trainer`` (re-using one
    trainer with ``max_steps`` silently trains nothing after the first fit);
 4. keep the parameters with the lowest full-calibration loss, harden the
-   block (integer codes fixed once) and push the cache forward.
+   block (integer codes fixed once) and push the cache forward: the last
+   step's hard-rounding pass is scored and, unless an earlier step was
+   better, kept as the next block's inputs (no second pass).
 
 Only the current block is ever on the accelerator.
 """
@@ -102,7 +104,7 @@ def _check_finite(loss: float, index: int, total: int, name: str, step: int, lr:
 @dataclass
 class BlockResult:
     name: str
-    loss_start: float
+    loss_start: Optional[float]  # None: trained without reconstruction.validate_initial
     loss_end: float
     seconds: float
     steps: int
@@ -193,25 +195,30 @@ def quantize_blocks(
         calibrate_block_activations(block, cache, device, recon.eval_batch_size, quant.activation.init_samples)
         dm = BlockDataModule(cache, recon.batch_size, recon.eval_batch_size, recon.seed + i, recon.holdout, recon.seed)
         loss_start: Optional[float] = None  # without training it equals loss_end: one pass fewer
-        best_step, steps = 0, 0
+        keep: Optional[KeepBestParameters] = None
+        steps = 0
         if learnable_parameters(block) and max_steps > 0:
-            loss_start, steps, best_step = _train_block(
+            loss_start, steps, keep = _train_block(
                 i, len(blocks), name, block, teacher, dm, quant, recon, make_trainer, max_steps, device,
                 [progress.BlockProgress(where, max_steps, stops=preparing)],
             )
         preparing.stop()  # without training (RTN, data-free NUPES): here
-        loss_end = _harden_and_advance(block, cache, device, recon.eval_batch_size)
+        loss_end, best_step = _select_harden_and_advance(block, cache, device, recon.eval_batch_size, keep, steps,
+                                                         dm.holdout_indices)
         _check_finite(loss_end, i, len(blocks), name, steps, recon.lr)
         block.cpu()
         del teacher
 
-        result = BlockResult(name, loss_end if loss_start is None else loss_start, loss_end,
+        if keep is None:
+            loss_start = loss_end  # nothing trained: the initial grid is the final one
+        result = BlockResult(name, loss_start, loss_end,
                              time.perf_counter() - start, steps, best_step, len(swapped))
         results.append(result)
         if state is not None:
             state.save_block(i, name, block, dataclasses.asdict(result))
         lazy.release(block)  # lazy: the dequantized weight caches go back to meta, the codes stay
-        log(f"{where}: {len(swapped)} layers, loss {result.loss_start:.4g} -> {loss_end:.4g} ({result.seconds:.1f} s, "
+        start_text = "" if loss_start is None else f"{loss_start:.4g} -> "
+        log(f"{where}: {len(swapped)} layers, loss {start_text}{loss_end:.4g} ({result.seconds:.1f} s, "
             f"peak RSS {progress.peak_rss_mb():.0f} MB)")
     return results
 
@@ -234,22 +241,32 @@ def _train_block(
     index: int, total: int, name: str, block: nn.Module, teacher: nn.Module, dm: BlockDataModule,
     quant: QuantConfig, recon: ReconstructionConfig, make_trainer: TrainerFactory, max_steps: int,
     device: torch.device, callbacks: Sequence[L.Callback] = (),
-) -> tuple[float, int, int]:
-    """Train the block's quantizers with a fresh trainer (plus ``callbacks``); keep the best parameters seen.
+) -> tuple[Optional[float], int, KeepBestParameters]:
+    """Train the block's quantizers with a fresh trainer (plus ``callbacks``), remembering the best parameters.
 
-    Returns ``(loss_start, steps, best_step)``: the hard (RTN-init) loss before
-    training, the iterations run and the iteration whose parameters were kept.
+    Returns ``(loss_start, steps, keep)``: the hard (RTN-init) loss before
+    training (None without ``reconstruction.validate_initial``), the iterations run and the validations' record, from which
+    :func:`_select_harden_and_advance` picks the parameters to harden. The
+    validation after the last step is not the trainer's: that pass is the
+    cache's advance (one pass over the calibration set fewer per block).
     """
     tag = f"block_{index:02d}"
-    loss_start = _hard_loss(block, dm.calibration_dataloader(), device)
-    _check_finite(loss_start, index, total, name, 0, recon.lr)
+    loss_start, initial = None, math.inf  # without validate_initial: the last step is kept unless one before it won
+    if recon.validate_initial:
+        loss_start = _hard_loss(block, dm.calibration_dataloader(), device)
+        _check_finite(loss_start, index, total, name, 0, recon.lr)
+        initial = _hard_loss(block, dm.val_dataloader(), device) if dm.holdout_indices else loss_start
     metric = recon.selection_metric(tag)  # holdout_loss, or calibration_loss without a holdout
     module = BlockReconstruction(
         teacher, block, recon.lr, tag=tag, act_lr=quant.activation.lr,
         qdrop_p=recon.effective_qdrop_p(quant.activation.bits is not None), val_metric=metric,
+        driver_validates_at=max_steps,
     )
-    keep = KeepBestParameters(metric, _hard_loss(block, dm.val_dataloader(), device) if dm.holdout_indices else loss_start)
-    interval = math.ceil(max_steps / recon.evaluations) if recon.evaluations else None
+    keep = KeepBestParameters(metric, initial)
+    # validations before the last step only: evaluations 1 means the driver's one, after it
+    interval = math.ceil(max_steps / recon.evaluations) if recon.evaluations > 1 else None
+    if interval is not None and interval >= max_steps:
+        interval = None
     trainer = make_trainer(
         tag, [keep, FiniteLossGuard(index, total, name, recon.lr), *holdout_callbacks(recon, metric), *callbacks],
         interval,
@@ -257,21 +274,59 @@ def _train_block(
     trainer.fit(module, datamodule=dm)
     steps = trainer.global_step
     block.to(device)
-    if keep.last is not None and keep.last[0] == steps:
-        last = keep.last[1]  # validated at the final step already: no extra pass
-    else:
-        last = _hard_loss(block, dm.val_dataloader(), device)
-    if not math.isfinite(last) or keep.best < last:
-        keep.restore(module)
-        best_step = keep.best_step
-    else:
-        best_step = steps
     # the trainer, the module and the data module reference each other: free the teacher copy,
     # gradients and optimizer states now, not whenever the cyclic GC runs (they pile up over blocks)
     dm.trainer = None
-    del module, trainer, keep
+    del module, trainer
     gc.collect()
-    return loss_start, steps, best_step
+    return loss_start, steps, keep
+
+
+def _select_harden_and_advance(
+    block: nn.Module, cache: CalibrationCache, device: torch.device, batch_size: int,
+    keep: Optional[KeepBestParameters], steps: int, holdout: Sequence[int],
+) -> tuple[float, int]:
+    """Keep the last or the best validated parameters, harden the block, push the cache through it.
+
+    Returns ``(loss_end, best_step)``, ``loss_end`` on every calibration
+    sample. After training, the last step's hard-rounding outputs *are* the
+    hardened block's (:meth:`QuantizedLayer.hard_weight`), so one pass both
+    scores the last step (on the held-out samples with a ``holdout``) and,
+    when no earlier validation beat it, becomes the next block's inputs. Only
+    when one did (rare: measured 1 block in 90) are the best parameters
+    restored and the block run again.
+    """
+    if keep is None:  # nothing trained (RTN, data-free NUPES)
+        return _harden_and_advance(block, cache, device, batch_size), 0
+    if keep.last is not None and keep.last[0] == steps:  # the trainer validated the last step (early stopping)
+        best_step = steps
+        if not math.isfinite(keep.last[1]) or keep.best < keep.last[1]:
+            keep.restore()
+            best_step = keep.best_step
+        return _harden_and_advance(block, cache, device, batch_size), best_step
+    every, chosen = LossMean(), LossMean()
+    rows = torch.tensor(sorted(holdout), dtype=torch.long) if holdout else None
+
+    def score(index: torch.Tensor, out: torch.Tensor) -> None:
+        assert cache.targets is not None
+        target, weights = cache.targets[index].to(device), cache.loss_weights(index)
+        weights = weights.to(device) if weights is not None else None
+        every.add(out, target, weights)
+        if rows is not None:
+            mine = torch.isin(index, rows).to(out.device)
+            if bool(mine.any()):
+                chosen.add(out[mine], target[mine], None if weights is None else weights[mine])
+
+    set_hard(block, True)
+    outputs = cache.apply(block, cache.q_inputs, device, batch_size, each=score)
+    last = (chosen if rows is not None else every).value
+    if math.isfinite(last) and not keep.best < last:
+        harden_modules(block)
+        cache.advance_to(outputs)
+        return every.value, steps
+    del outputs
+    keep.restore()
+    return _harden_and_advance(block, cache, device, batch_size), keep.best_step
 
 
 def _harden_and_advance(block: nn.Module, cache: CalibrationCache, device: torch.device, batch_size: int) -> float:

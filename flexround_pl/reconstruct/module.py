@@ -67,6 +67,8 @@ class BlockReconstruction(L.LightningModule):
             (block input and every activation quantizer); 1 = no drop.
         val_metric: the logged name of the validation loss (hard rounding),
             ``{tag}/calibration_loss`` or ``{tag}/holdout_loss``.
+        driver_validates_at: a step whose validation is skipped here (the last
+            one: the driver scores it in the pass that feeds the next block).
     """
 
     def __init__(
@@ -78,8 +80,11 @@ class BlockReconstruction(L.LightningModule):
         act_lr: Optional[float] = None,
         qdrop_p: float = 1.0,
         val_metric: Optional[str] = None,
+        driver_validates_at: Optional[int] = None,
     ) -> None:
         super().__init__()
+        self.driver_validates_at = driver_validates_at
+        self.validated_step: Optional[int] = None  # the step of the latest validation computed here
         self.val_metric = val_metric or f"{tag}/calibration_loss"
         self.teacher = teacher.requires_grad_(False)
         self.student = student
@@ -131,6 +136,9 @@ class BlockReconstruction(L.LightningModule):
         return rec + reg
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.global_step == self.driver_validates_at:
+            return  # scored by the driver's advance pass, which computes the same outputs
+        self.validated_step = self.global_step
         set_hard(self.student, True)
         try:
             # fp32 even under bf16-mixed: KeepBestParameters compares this with the driver's fp32 losses
