@@ -22,6 +22,7 @@ CASES = {
     "bits not a number": (["--model.quant.weight.bits", "four"], '"model.quant.weight.bits": Expected a'),
     "search stride zero": (["--model.quant.weight.search_stride", "0"], "search_stride must be an integer >= 1"),
     "unknown granularity": (["--model.quant.weight.granularity", "row"], "model.quant.weight.granularity"),
+    "unknown output-grid inputs": (["--model.quant.weight.output_inputs", "float"], "model.quant.weight.output_inputs"),
     "unknown method": (["--model.quant.method", "awq"], '"model.quant.method"'),
     "group size vs layer shapes": (
         ["--model.quant.weight.granularity", "group", "--model.quant.weight.group_size", "24"],

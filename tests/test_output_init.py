@@ -214,6 +214,37 @@ def test_grid_init_hessians_use_the_training_samples_of_the_fp_block_only():
     assert grid_init_hessians(block, CalibrationCache(inputs, ((), {}), []), torch.device("cpu"), QuantConfig(), recon) == {}
 
 
+def test_fp_input_hessians_come_with_the_targets_from_the_fp_training_samples():
+    """``weight.output_inputs: fp``: the targets pass sums each layer's ``X^T X`` on the FP inputs
+    (not the quantized ones), training samples only, padding left out; the targets do not change."""
+    from flexround_pl.reconstruct.gptq_hessian import targets_and_fp_hessians
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head, self.act = nn.Linear(4, 6), nn.Linear(6, 3), nn.ReLU()
+
+        def forward(self, x, attention_mask=None):
+            return self.head(self.act(self.fc(x)))
+
+    torch.manual_seed(0)
+    inputs, block = torch.randn(8, 3, 4), Block()
+    mask = torch.ones(8, 3, dtype=torch.long)
+    mask[::3, 2] = 0
+    recon = ReconstructionConfig(holdout=0.25, eval_batch_size=3)
+    cache = CalibrationCache(inputs, ((), {}), [], mask)
+    cache.q_inputs = inputs + 1.0  # the quantized network's inputs: not these
+    h = targets_and_fp_hessians(block, ["fc", "head"], cache, torch.device("cpu"), recon)
+    train, _ = holdout_split(8, 0.25, recon.seed)
+    x = inputs[train][mask[train].bool()]  # [rows, 4]
+    torch.testing.assert_close(h["fc"], 2 * x.t() @ x / x.shape[0])
+    hidden = torch.relu(block.fc(x)).detach()
+    torch.testing.assert_close(h["head"], 2 * hidden.t() @ hidden / hidden.shape[0])
+    with torch.no_grad():
+        torch.testing.assert_close(cache.targets, block(inputs), rtol=0, atol=0)
+    assert not block._forward_hooks and not block.fc._forward_hooks  # hooks removed
+
+
 # ---------------------------------------------------------------------- end to end
 
 
@@ -274,3 +305,32 @@ def test_nupes_refuses_the_output_grid_in_one_line(tmp_path, tiny_bert_dir, writ
         GridConfig(init="hessian")
     with pytest.raises(ValueError, match="method 'nupes' searches a grid of its own"):
         QuantConfig(method="nupes", weight=GridConfig(search_stride=4))  # it would be ignored: refused instead
+
+
+def test_cli_output_grid_from_fp_inputs_needs_no_pass_of_its_own(tmp_path, tiny_tokenizer, write_lm_config, monkeypatch):
+    """Block 0's FP and quantized inputs are the same, so its grid Hessians are too, bit for bit; after
+    it they differ. With ``fp`` no Hessian pass runs (``grid_init_hessians`` is not called)."""
+    from flexround_pl.cli import main
+    from flexround_pl.reconstruct import driver
+
+    seen: dict[str, list[dict]] = {"quantized": [], "fp": []}
+    real_init, real_fp = driver.grid_init_hessians, driver.targets_and_fp_hessians
+    monkeypatch.setattr(driver, "grid_init_hessians",
+                        lambda *a, **k: seen["quantized"].append(real_init(*a, **k)) or seen["quantized"][-1])
+    monkeypatch.setattr(driver, "targets_and_fp_hessians",
+                        lambda *a, **k: seen["fp"].append(real_fp(*a, **k)) or seen["fp"][-1])
+    model_dir = _save_tiny_llama(tmp_path, tiny_tokenizer())
+    losses = {}
+    for inputs in ("quantized", "fp"):
+        (tmp_path / inputs).mkdir()
+        config = write_lm_config(tmp_path / inputs, model_dir, max_steps=5)
+        assert main(["fit", "--config", config, "--export", "false", "--model.quant.weight.init", "output",
+                     "--model.quant.weight.output_inputs", inputs]) == 0
+        losses[inputs] = [b["loss_end"] for b in json.loads((tmp_path / inputs / "run" / "results.json").read_text())["blocks"]]
+    assert len(seen["quantized"]) == 2 and len(seen["fp"]) == 2  # one call per block each, nothing else
+    first_q, first_fp = seen["quantized"][0], seen["fp"][0]
+    assert set(first_q) == set(first_fp) and len(first_q) == 7
+    assert all(torch.equal(first_q[n], first_fp[n]) for n in first_q)
+    assert losses["quantized"][0] == losses["fp"][0]
+    second_q, second_fp = seen["quantized"][1], seen["fp"][1]
+    assert any(not torch.equal(second_q[n], second_fp[n]) for n in second_q)

@@ -59,6 +59,11 @@ class GridConfig:
     ``None`` (default): 4 for ``output``, whose ``e^T H e`` scores are the
     cost (measured on SmolLM2 W3 per channel: RTN perplexity 56.76 at 221
     quantize CPU-s, against 58.69 at 337 with every candidate), 1 for ``lp``.
+    ``output_inputs``: the inputs whose ``H`` scores the ``output`` search:
+    ``quantized`` (default: the quantized network's block inputs through the
+    FP block, as GPTQ; one pass over the calibration set per block) or ``fp``
+    (the FP network's, summed during the pass that computes the block's
+    targets anyway: no pass of its own).
     """
 
     bits: int = 4
@@ -69,6 +74,7 @@ class GridConfig:
     lp_norm: float = 2.4
     lp_candidates: int = 100
     search_stride: Optional[int] = None
+    output_inputs: Literal["quantized", "fp"] = "quantized"
 
     def __post_init__(self) -> None:
         validate_bits(self.bits, "bits")
@@ -82,6 +88,8 @@ class GridConfig:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.lp_candidates < 1:
             raise ValueError(f"lp_candidates must be >= 1, got {self.lp_candidates}")
+        if self.output_inputs not in ("quantized", "fp"):
+            raise ValueError(f"output_inputs must be 'quantized' or 'fp', got {self.output_inputs!r}")
         stride = self.search_stride
         if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
             raise ValueError(f"search_stride must be an integer >= 1 (1: every candidate) or null, got {stride!r}")

@@ -617,15 +617,19 @@ class CalibrationCache:
     def apply(
         self, block: nn.Module, inputs: Tensor, device: torch.device, batch_size: int,
         each: Optional[Callable[[Tensor, Tensor], None]] = None,
+        before: Optional[Callable[[Tensor], None]] = None,
     ) -> Tensor:
         """``block`` applied to every row of ``inputs``; result (float32) on CPU, in the cache's storage.
 
         ``each(index, output)`` is called for every batch (e.g. to score the
-        outputs while they are on the device, without a second pass).
+        outputs while they are on the device, without a second pass);
+        ``before(index)`` before its forward (e.g. to tell hooks which samples it holds).
         """
         result: Optional[Tensor] = None
         for start in range(0, len(self), batch_size):
             index = torch.arange(start, min(start + batch_size, len(self)))
+            if before is not None:
+                before(index)
             args, kwargs = to_device(self.call_args(index), device)
             out = block_output(block(inputs[index].to(device), *args, **kwargs)).detach()
             if each is not None:
@@ -636,7 +640,10 @@ class CalibrationCache:
         assert result is not None
         return result
 
-    def compute_targets(self, teacher: nn.Module, device: torch.device, batch_size: int) -> None:
+    def compute_targets(
+        self, teacher: nn.Module, device: torch.device, batch_size: int,
+        before: Optional[Callable[[Tensor], None]] = None,
+    ) -> None:
         """FP outputs of the current block: the reconstruction targets.
 
         This is the one pass of each block over the FP calibration inputs:
@@ -646,7 +653,7 @@ class CalibrationCache:
         global _TARGET_PASS
         _TARGET_PASS = True
         try:
-            self.targets = self.apply(teacher, self.fp_inputs, device, batch_size)
+            self.targets = self.apply(teacher, self.fp_inputs, device, batch_size, before=before)
         finally:
             _TARGET_PASS = False
 

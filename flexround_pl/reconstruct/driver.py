@@ -43,7 +43,14 @@ from flexround_pl.reconstruct.cache import CalibrationCache
 from flexround_pl.reconstruct.callbacks import KeepBestParameters, holdout_callbacks
 from flexround_pl.reconstruct.config import ReconstructionConfig
 from flexround_pl.reconstruct.data import BlockDataModule
-from flexround_pl.reconstruct.gptq_hessian import compensate_block, grid_init_hessians, uses_layer_hessians
+from flexround_pl.reconstruct.gptq_hessian import (
+    compensate_block,
+    grid_init_hessians,
+    hessians_from_fp_inputs,
+    output_grid_layers,
+    targets_and_fp_hessians,
+    uses_layer_hessians,
+)
 from flexround_pl.reconstruct.module import (
     BlockReconstruction,
     LossMean,
@@ -171,9 +178,15 @@ def quantize_blocks(
         preparing = progress.Heartbeat(f"{where}: preparing", announce=False).start()
         lazy.pin(block)  # a lazily loaded block: resident (read from the shards) until released below
         teacher = copy.deepcopy(block).eval().requires_grad_(False).to(device)
-        cache.compute_targets(teacher, device, recon.eval_batch_size)
-        cache.weigh_positions(recon.token_loss, recon.massive_ratio)
         saved = state.finished(i, name) if state is not None else None
+        hessians: dict = {}
+        fp_hessians = saved is None and hessians_from_fp_inputs(quant)
+        if fp_hessians:  # weight.output_inputs fp: the grid's Hessians come with the targets, no pass of their own
+            hessians = targets_and_fp_hessians(teacher, output_grid_layers(teacher, quant, keep_fp, name), cache,
+                                               device, recon)
+        else:
+            cache.compute_targets(teacher, device, recon.eval_batch_size)
+        cache.weigh_positions(recon.token_loss, recon.massive_ratio)
         if saved is not None:
             del teacher
             assert state is not None
@@ -185,7 +198,8 @@ def quantize_blocks(
 
         # weight.init output: every layer's grid is searched on its output error, from the FP block's
         # Hessians, before the swap, so every method starts from that grid
-        hessians = grid_init_hessians(teacher, cache, device, quant, recon, keep_fp, name)
+        if not fp_hessians:
+            hessians = grid_init_hessians(teacher, cache, device, quant, recon, keep_fp, name)
         swapped = quantize_modules(block, quant, keep_fp=keep_fp, eight_bit=eight_bit, prefix=name,
                                    hessians=hessians)
         block.to(device)

@@ -61,6 +61,54 @@ def _layer_rows(module: nn.Module, x: Tensor, mask: Optional[Tensor]) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+class _HessianSums:
+    """Forward hooks on named teacher layers summing ``X^T X`` over the rows of each batch.
+
+    Before each batch, :meth:`next_batch` gives the batch's padding mask and
+    which of its samples count (``None``: all).
+    """
+
+    def __init__(self, teacher: nn.Module, names: list[str]) -> None:
+        modules = dict(teacher.named_modules(remove_duplicate=False))  # a shared layer under any of its names
+        self.names = names
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {n: 0 for n in names}
+        self.mask: Optional[Tensor] = None
+        self.samples: Optional[Tensor] = None
+        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def next_batch(self, mask: Optional[Tensor], samples: Optional[Tensor] = None) -> None:
+        self.mask, self.samples = mask, samples
+
+    def _hook(self, name: str):
+        def accumulate(module: nn.Module, args: tuple, output: object) -> None:
+            x, mask = args[0], self.mask
+            if self.samples is not None:
+                if not bool(self.samples.any()):
+                    return
+                x = x[self.samples.to(x.device)]
+                mask = None if mask is None else mask[self.samples]
+            rows = _layer_rows(module, x, mask).float()
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
+            self.sums[name].addmm_(rows.t(), rows)
+            self.counts[name] += rows.shape[0]
+
+        return accumulate
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def hessians(self) -> dict[str, Tensor]:
+        """``H = 2 X X^T / n`` of every layer (after :meth:`remove`)."""
+        missing = [n for n in self.names if self.counts[n] == 0]
+        if missing:
+            raise RuntimeError(f"GPTQ: no calibration input reached layer(s) {', '.join(missing)} of this block")
+        return {n: self.sums[n] * (2.0 / self.counts[n]) for n in self.names}
+
+
 @torch.no_grad()
 def layer_hessians(
     teacher: nn.Module,
@@ -71,36 +119,40 @@ def layer_hessians(
     indices: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """``H = 2 X X^T / n`` (float32, ``[C_in, C_in]``) of each named teacher layer, on ``cache.q_inputs[indices]``."""
-    modules = dict(teacher.named_modules(remove_duplicate=False))  # a shared layer under any of its names
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {n: 0 for n in names}
-    mask: list[Optional[Tensor]] = [None]
-
-    def hook(name: str):
-        def accumulate(module: nn.Module, args: tuple, output: object) -> None:
-            rows = _layer_rows(module, args[0], mask[0]).float()
-            if name not in sums:
-                sums[name] = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
-            sums[name].addmm_(rows.t(), rows)
-            counts[name] += rows.shape[0]
-
-        return accumulate
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    sums = _HessianSums(teacher, names)
     order = torch.arange(len(cache)) if indices is None else indices
     try:
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
-            mask[0] = cache.loss_mask[index] if cache.loss_mask is not None else None
+            sums.next_batch(cache.loss_mask[index] if cache.loss_mask is not None else None)
             args, kwargs = to_device(cache.call_args(index), device)
             teacher(cache.q_inputs[index].to(device), *args, **kwargs)
     finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in names if counts[n] == 0]
-    if missing:
-        raise RuntimeError(f"GPTQ: no calibration input reached layer(s) {', '.join(missing)} of this block")
-    return {n: sums[n] * (2.0 / counts[n]) for n in names}
+        sums.remove()
+    return sums.hessians()
+
+
+@torch.no_grad()
+def targets_and_fp_hessians(
+    teacher: nn.Module, names: list[str], cache: CalibrationCache, device: torch.device, recon: ReconstructionConfig,
+) -> dict[str, Tensor]:
+    """``cache.compute_targets`` that also sums the named layers' Hessians on the *FP* inputs it runs on
+    (the training samples only): ``weight.output_inputs: fp``, no pass of its own."""
+    train, _ = holdout_split(len(cache), recon.holdout, recon.seed)
+    counted = torch.zeros(len(cache), dtype=torch.bool)
+    counted[torch.tensor(train, dtype=torch.long)] = True
+    sums = _HessianSums(teacher, names)
+
+    def before(index: Tensor) -> None:
+        mask = cache.loss_mask[index] if cache.loss_mask is not None else None
+        keep = counted[index]
+        sums.next_batch(mask, None if bool(keep.all()) else keep)
+
+    try:
+        cache.compute_targets(teacher, device, recon.eval_batch_size, before=before)
+    finally:
+        sums.remove()
+    return sums.hessians()
 
 
 def training_hessians(
@@ -123,8 +175,19 @@ def grid_init_hessians(
     """
     if quant.weight.init != "output":
         return {}
-    names = [n for n, m in quantizable_layers(teacher, quant, keep_fp, prefix) if unsupported_by_gptq(m) is None]
+    names = output_grid_layers(teacher, quant, keep_fp, prefix)
     return training_hessians(teacher, names, cache, device, recon) if names else {}
+
+
+def output_grid_layers(teacher: nn.Module, quant: QuantConfig, keep_fp: Sequence[str] = (), prefix: str = "") -> list[str]:
+    """The layers of ``teacher`` whose ``weight.init: output`` grid gets a Hessian (not those Conv2d hooks cannot unfold)."""
+    return [n for n, m in quantizable_layers(teacher, quant, keep_fp, prefix) if unsupported_by_gptq(m) is None]
+
+
+def hessians_from_fp_inputs(quant: QuantConfig) -> bool:
+    """``weight.init: output`` with ``weight.output_inputs: fp``: the targets pass sums the grid's Hessians.
+    GPTQ (``method: gptq``, ``init_from: gptq``) compensates on the quantized inputs: its own pass."""
+    return quant.weight.init == "output" and quant.weight.output_inputs == "fp" and not uses_layer_hessians(quant)
 
 
 def _grid_weight(layer: QuantizedLayer) -> Tensor:
