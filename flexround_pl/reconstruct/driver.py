@@ -179,14 +179,7 @@ def quantize_blocks(
         lazy.pin(block)  # a lazily loaded block: resident (read from the shards) until released below
         teacher = copy.deepcopy(block).eval().requires_grad_(False).to(device)
         saved = state.finished(i, name) if state is not None else None
-        hessians: dict = {}
-        fp_hessians = saved is None and hessians_from_fp_inputs(quant)
-        if fp_hessians:  # weight.output_inputs fp: the grid's Hessians come with the targets, no pass of their own
-            hessians = targets_and_fp_hessians(teacher, output_grid_layers(teacher, quant, keep_fp, name), cache,
-                                               device, recon)
-        else:
-            cache.compute_targets(teacher, device, recon.eval_batch_size)
-        cache.weigh_positions(recon.token_loss, recon.massive_ratio)
+        fp_hessians = _compute_targets(teacher, cache, device, quant, recon, keep_fp, name, reloaded=saved is not None)
         if saved is not None:
             del teacher
             assert state is not None
@@ -198,8 +191,8 @@ def quantize_blocks(
 
         # weight.init output: every layer's grid is searched on its output error, from the FP block's
         # Hessians, before the swap, so every method starts from that grid
-        if not fp_hessians:
-            hessians = grid_init_hessians(teacher, cache, device, quant, recon, keep_fp, name)
+        hessians = fp_hessians if fp_hessians is not None else grid_init_hessians(
+            teacher, cache, device, quant, recon, keep_fp, name)
         swapped = quantize_modules(block, quant, keep_fp=keep_fp, eight_bit=eight_bit, prefix=name,
                                    hessians=hessians)
         block.to(device)
@@ -208,8 +201,8 @@ def quantize_blocks(
         del hessians
         calibrate_block_activations(block, cache, device, recon.eval_batch_size, quant.activation.init_samples)
         dm = BlockDataModule(cache, recon.batch_size, recon.eval_batch_size, recon.seed + i, recon.holdout, recon.seed)
-        loss_start: Optional[float] = None  # without training it equals loss_end: one pass fewer
-        keep: Optional[KeepBestParameters] = None
+        loss_start: Optional[float] = None
+        keep: Optional[KeepBestParameters] = None  # the validations' record; None: nothing trained
         steps = 0
         if learnable_parameters(block) and max_steps > 0:
             loss_start, steps, keep = _train_block(
@@ -235,6 +228,26 @@ def quantize_blocks(
         log(f"{where}: {len(swapped)} layers, loss {start_text}{loss_end:.4g} ({result.seconds:.1f} s, "
             f"peak RSS {progress.peak_rss_mb():.0f} MB)")
     return results
+
+
+def _compute_targets(
+    teacher: nn.Module, cache: CalibrationCache, device: torch.device, quant: QuantConfig,
+    recon: ReconstructionConfig, keep_fp: tuple[str, ...], name: str, reloaded: bool,
+) -> Optional[dict]:
+    """The block's FP targets (and per-position loss weights) in the cache.
+
+    With ``weight.output_inputs: fp`` and a block not ``reloaded`` (resumed), the same pass
+    sums the output grid's Hessians, returned (else None: they come from
+    their own pass, :func:`grid_init_hessians`, or are not needed).
+    """
+    hessians = None
+    if not reloaded and hessians_from_fp_inputs(quant):
+        names = output_grid_layers(teacher, quant, keep_fp, name)
+        hessians = targets_and_fp_hessians(teacher, names, cache, device, recon)
+    else:
+        cache.compute_targets(teacher, device, recon.eval_batch_size)
+    cache.weigh_positions(recon.token_loss, recon.massive_ratio)
+    return hessians
 
 
 def _reload_finished_block(
