@@ -190,19 +190,20 @@ def test_on_a_llama_block_every_layer_output_error_is_at_most_min_max_and_lp(bit
     assert sum(output.values()) < 0.99 * sum(minmax.values())
 
 
+class _TwoLayerBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head, self.act = nn.Linear(4, 6), nn.Linear(6, 3), nn.ReLU()
+
+    def forward(self, x, attention_mask=None):
+        return self.head(self.act(self.fc(x)))
+
+
 def test_grid_init_hessians_use_the_training_samples_of_the_fp_block_only():
     from flexround_pl.reconstruct.gptq_hessian import grid_init_hessians
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc, self.head, self.act = nn.Linear(4, 6), nn.Linear(6, 3), nn.ReLU()
-
-        def forward(self, x, attention_mask=None):
-            return self.head(self.act(self.fc(x)))
-
     torch.manual_seed(0)
-    inputs, block = torch.randn(8, 3, 4), Block()
+    inputs, block = torch.randn(8, 3, 4), _TwoLayerBlock()
     recon = ReconstructionConfig(holdout=0.25, eval_batch_size=3)
     quant = QuantConfig(weight=GridConfig(init="output"))
     h = grid_init_hessians(block, CalibrationCache(inputs, ((), {}), []), torch.device("cpu"), quant, recon, keep_fp=[r"head$"], prefix="b")
@@ -219,16 +220,8 @@ def test_fp_input_hessians_come_with_the_targets_from_the_fp_training_samples():
     (not the quantized ones), training samples only, padding left out; the targets do not change."""
     from flexround_pl.reconstruct.gptq_hessian import targets_and_fp_hessians
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc, self.head, self.act = nn.Linear(4, 6), nn.Linear(6, 3), nn.ReLU()
-
-        def forward(self, x, attention_mask=None):
-            return self.head(self.act(self.fc(x)))
-
     torch.manual_seed(0)
-    inputs, block = torch.randn(8, 3, 4), Block()
+    inputs, block = torch.randn(8, 3, 4), _TwoLayerBlock()
     mask = torch.ones(8, 3, dtype=torch.long)
     mask[::3, 2] = 0
     recon = ReconstructionConfig(holdout=0.25, eval_batch_size=3)

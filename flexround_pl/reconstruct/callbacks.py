@@ -45,7 +45,7 @@ class KeepBestParameters(L.Callback):
         self.last = (trainer.global_step, value)
         if math.isfinite(value) and value < self.best:
             self.best, self.best_step = value, trainer.global_step
-            self._snapshot = [p.detach().clone() for p in pl_module.params]
+            self._snapshot = [p.detach().clone() for p in self._params]
 
     def restore(self) -> None:
         """Copy the best parameters back into the block's quantizers (after ``fit``)."""

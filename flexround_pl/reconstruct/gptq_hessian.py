@@ -64,8 +64,8 @@ def _layer_rows(module: nn.Module, x: Tensor, mask: Optional[Tensor]) -> Tensor:
 class _HessianSums:
     """Forward hooks on named teacher layers summing ``X^T X`` over the rows of each batch.
 
-    Before each batch, :meth:`next_batch` gives the batch's padding mask and
-    which of its samples count (``None``: all).
+    Before each batch, :meth:`next_batch` gives the batch's sample indices
+    (for the cache's padding mask) and which of its samples count (``None``: all).
     """
 
     def __init__(self, teacher: nn.Module, names: list[str]) -> None:
@@ -77,8 +77,9 @@ class _HessianSums:
         self.samples: Optional[Tensor] = None
         self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
 
-    def next_batch(self, mask: Optional[Tensor], samples: Optional[Tensor] = None) -> None:
-        self.mask, self.samples = mask, samples
+    def next_batch(self, cache: CalibrationCache, index: Tensor, samples: Optional[Tensor] = None) -> None:
+        self.mask = cache.loss_mask[index] if cache.loss_mask is not None else None
+        self.samples = samples
 
     def _hook(self, name: str):
         def accumulate(module: nn.Module, args: tuple, output: object) -> None:
@@ -124,7 +125,7 @@ def layer_hessians(
     try:
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
-            sums.next_batch(cache.loss_mask[index] if cache.loss_mask is not None else None)
+            sums.next_batch(cache, index)
             args, kwargs = to_device(cache.call_args(index), device)
             teacher(cache.q_inputs[index].to(device), *args, **kwargs)
     finally:
@@ -144,9 +145,8 @@ def targets_and_fp_hessians(
     sums = _HessianSums(teacher, names)
 
     def before(index: Tensor) -> None:
-        mask = cache.loss_mask[index] if cache.loss_mask is not None else None
         keep = counted[index]
-        sums.next_batch(mask, None if bool(keep.all()) else keep)
+        sums.next_batch(cache, index, None if bool(keep.all()) else keep)
 
     try:
         cache.compute_targets(teacher, device, recon.eval_batch_size, before=before)
